@@ -1,0 +1,5 @@
+import sys
+
+from scratchpath.cli import main
+
+sys.exit(main())

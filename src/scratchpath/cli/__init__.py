@@ -1,0 +1,84 @@
+"""The ``scratchpath`` command.
+
+Each subcommand lives in its own module of this package and exposes two functions:
+
+``add_parser(subparsers) -> None``
+    registers the subcommand (name, help, arguments) on the top-level argparse parser and
+    calls ``parser.set_defaults(run=run)``;
+``run(args: argparse.Namespace) -> int``
+    does the work and returns the exit status.
+
+``fit`` is the exception: it hands its raw arguments to LightningCLI (``scratchpath.cli.fit``).
+Expected failures raise :class:`scratchpath.errors.ScratchpathError`; :func:`main` prints them
+as one ``error: ...`` line and exits 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from scratchpath import __version__
+from scratchpath.errors import ScratchpathError
+
+# Order is the order shown in --help: the path a tile takes.
+COMMANDS = {
+    "ingest": "scratchpath.cli.ingest",
+    "import-tiles": "scratchpath.cli.import_tiles",
+    "info": "scratchpath.cli.info",
+    "preview": "scratchpath.cli.preview",
+    "fit": "scratchpath.cli.fit",
+    "export": "scratchpath.cli.export",
+    "eval": "scratchpath.cli.eval",
+    "synth": "scratchpath.cli.synth",
+    "demo": "scratchpath.cli.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scratchpath",
+        description=(
+            "Pretrain vision backbones from scratch on H&E: slides -> patch store -> "
+            "stain-aware views -> SSL objective -> exported backbone -> evaluation."
+        ),
+        epilog="Run 'scratchpath COMMAND --help' for the options of one command.",
+    )
+    parser.add_argument("--version", action="version", version=f"scratchpath {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMANDS.values():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue  # a command not built yet
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "fit":
+            from scratchpath.cli import fit
+
+            return fit.run_fit(argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(args.run(args) or 0)
+    except ScratchpathError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Self-supervised objectives, one file each; ``OBJECTIVES`` maps the CLI name to the class."""

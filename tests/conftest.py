@@ -1,0 +1,37 @@
+"""Shared fixtures: the real H&E data folder and small temporary stores.
+
+The data folder comes from ``SCRATCHPATH_TEST_DATA`` (default ``../shared/data`` beside the
+repository). A missing folder fails the run: tests never silently skip the real data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> Path:
+    return Path(os.environ.get("SCRATCHPATH_TEST_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Root of the real data (read-only: write into ``tmp_path``)."""
+    root = _data_root()
+    if not (root / "README.md").is_file():
+        pytest.fail(f"real test data not found at {root}; set SCRATCHPATH_TEST_DATA", pytrace=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def slides_dir(data_dir: Path) -> Path:
+    return data_dir / "slides"
+
+
+@pytest.fixture(scope="session")
+def tiles_dir(data_dir: Path) -> Path:
+    return data_dir / "tiles"
