@@ -48,7 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"scratchpath {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMANDS.values():
+    for name, module_name in COMMANDS.items():
+        if name == "fit":
+            # Listed here without importing torch/Lightning, so other commands start fast;
+            # main() hands 'fit ...' to LightningCLI before argparse sees it.
+            subparsers.add_parser(
+                "fit",
+                help="pretrain a backbone from a recipe (LightningCLI; see 'scratchpath fit --help')",
+                add_help=False,
+            )
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:

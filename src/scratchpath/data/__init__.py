@@ -1,0 +1,14 @@
+"""Training data: :class:`PatchDataModule` and its DDP-correct, resumable batch sampler."""
+
+from __future__ import annotations
+
+from scratchpath.data.module import PatchDataModule, ViewBatches
+from scratchpath.data.sampling import BatchRequest, DistributedBatchSampler, sample_seed
+
+__all__ = [
+    "BatchRequest",
+    "DistributedBatchSampler",
+    "PatchDataModule",
+    "ViewBatches",
+    "sample_seed",
+]

@@ -1,0 +1,65 @@
+"""Evaluating backbones on labelled patch stores: probe math, probe/fine-tune modules, reports.
+
+Public API (importable by downstream packages):
+
+- probe math on frozen features: :func:`extract_features`, :func:`knn_eval`,
+  :func:`linear_probe_eval`, :func:`rankme` (also used by the online-evaluation callback);
+- grouped splits: :func:`grouped_split`, :func:`split_store`;
+- Lightning: :class:`LinearProbe`, :class:`FineTune` (layer-wise LR decay),
+  :class:`LabelledTileDataModule` and :class:`LabelledTiles`;
+- the ``scratchpath eval`` report: :func:`run_evaluation`, :func:`colour_histogram_features`.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from scratchpath.finetune.probes import (
+    classification_metrics,
+    extract_features,
+    fit_linear_probe,
+    knn_eval,
+    knn_predict,
+    linear_probe_eval,
+    rankme,
+    tiles_to_tensor,
+)
+from scratchpath.finetune.splits import grouped_split, require_labels, split_store
+
+# Lazy: Lightning (modules, data) and matplotlib (report) take seconds to import and the probe
+# math or `scratchpath eval` do not need them.
+_LAZY = {
+    "FineTune": "scratchpath.finetune.modules",
+    "LinearProbe": "scratchpath.finetune.modules",
+    "LabelledTileDataModule": "scratchpath.finetune.data",
+    "LabelledTiles": "scratchpath.finetune.data",
+    "colour_histogram_features": "scratchpath.finetune.report",
+    "run_evaluation": "scratchpath.finetune.report",
+}
+
+__all__ = [
+    "FineTune",
+    "LabelledTileDataModule",
+    "LabelledTiles",
+    "LinearProbe",
+    "classification_metrics",
+    "colour_histogram_features",
+    "extract_features",
+    "fit_linear_probe",
+    "grouped_split",
+    "knn_eval",
+    "knn_predict",
+    "linear_probe_eval",
+    "rankme",
+    "require_labels",
+    "run_evaluation",
+    "split_store",
+    "tiles_to_tensor",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'scratchpath.finetune' has no attribute {name!r}")

@@ -1,0 +1,83 @@
+"""Evaluation plots: confusion matrices and a 2-D PCA embedding coloured by class.
+
+Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend
+switch) and written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.decomposition import PCA
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp creates 0600; a report is meant to be shared
+    os.close(fd)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_confusion_matrices(
+    matrices: Mapping[str, np.ndarray], class_names: Sequence[str], path: Path, *, title: str = ""
+) -> Path:
+    """One panel per confusion matrix (rows: true class, columns: predicted), row-normalised
+    colours with raw counts written in the cells."""
+    n = len(matrices)
+    size = 1.2 + 0.6 * len(class_names)
+    fig = Figure(figsize=(size * n + 1, size + 0.8), layout="constrained")
+    for i, (name, cm) in enumerate(matrices.items()):
+        ax = fig.add_subplot(1, n, i + 1)
+        rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        for (r, c), count in np.ndenumerate(cm):
+            ax.text(
+                c,
+                r,
+                str(count),
+                ha="center",
+                va="center",
+                color="white" if rates[r, c] > 0.5 else "black",
+            )
+        ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(len(class_names)), class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        accuracy = np.trace(cm) / max(cm.sum(), 1)
+        ax.set_title(f"{name} (acc {accuracy:.3f})")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_embedding(
+    features: torch.Tensor,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    path: Path,
+    *,
+    title: str = "",
+) -> Path:
+    """Scatter of the first two principal components of standardised features, by class."""
+    x = features.double().numpy()
+    x = (x - x.mean(axis=0)) / np.maximum(x.std(axis=0), 1e-12)
+    xy = PCA(n_components=2, random_state=0).fit_transform(x)
+    fig = Figure(figsize=(6, 5), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    for c, name in enumerate(class_names):
+        mask = labels == c
+        ax.scatter(xy[mask, 0], xy[mask, 1], s=8, alpha=0.7, label=f"{name} ({mask.sum()})")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(markerscale=2, fontsize="small")
+    ax.set_title(f"{title}: test embeddings (PCA)")
+    return _save(fig, path)

@@ -1,0 +1,292 @@
+"""The evaluation report of ``scratchpath eval``: kNN and linear probe of a backbone on labelled
+stores, next to two baselines measured in the same run, with plots.
+
+Baselines: the same architecture randomly initialised (what the pretraining added) and
+colour-histogram features (what colour alone gives: public tile sets often have a colour cast
+per class, e.g. LC25000's pinker benign tiles, that any probe can exploit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from torch import nn
+
+from scratchpath import __version__
+from scratchpath.augment import HE_MEAN, HE_STD
+from scratchpath.backbones import create_backbone
+from scratchpath.errors import ScratchpathError
+from scratchpath.export import load_backbone, load_config
+from scratchpath.finetune.plots import plot_confusion_matrices, plot_embedding
+from scratchpath.finetune.probes import (
+    classification_metrics,
+    extract_features,
+    fit_linear_probe,
+    knn_predict,
+    rankme,
+)
+from scratchpath.finetune.splits import require_labels, split_store
+from scratchpath.store import PatchStore
+
+RANDOM_PREFIX = "random:"
+
+
+def colour_histogram_features(
+    store: PatchStore, indices: Sequence[int] | np.ndarray, *, bins: int = 16
+) -> torch.Tensor:
+    """Per-tile colour histograms: ``bins`` per RGB channel and per HSV channel, each a
+    distribution (sums to 1), concatenated to ``(N, 6 * bins)`` float32."""
+    indices = np.asarray(indices, dtype=np.int64)
+    out = np.empty((len(indices), 6, bins), np.float32)
+    for start in range(0, len(indices), 256):
+        for j, tile in enumerate(store.read(indices[start : start + 256]), start):
+            hsv = cv2.cvtColor(tile, cv2.COLOR_RGB2HSV_FULL)  # all three channels on 0..255
+            for c, (image, channel) in enumerate(
+                [(tile, 0), (tile, 1), (tile, 2), (hsv, 0), (hsv, 1), (hsv, 2)]
+            ):
+                out[j, c] = cv2.calcHist([image], [channel], None, [bins], [0, 256]).reshape(-1)
+    out /= store.tile_size**2
+    return torch.from_numpy(out.reshape(len(indices), 6 * bins))
+
+
+def per_class_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of each class."""
+    p, r, f, s = precision_recall_fscore_support(
+        y_true, y_pred, labels=range(len(class_names)), zero_division=0
+    )
+    return {
+        name: {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+        }
+        for i, name in enumerate(class_names)
+    }
+
+
+def probe_features(
+    train_features: torch.Tensor,
+    train_labels: np.ndarray,
+    test_features: torch.Tensor,
+    test_labels: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    k: int = 20,
+    linear_epochs: int = 100,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """kNN and linear-probe results (summary + per-class + predictions) of one feature set."""
+    knn = knn_predict(train_features, train_labels, test_features, k=k).numpy()
+    probe = fit_linear_probe(train_features, train_labels, epochs=linear_epochs, seed=seed)
+    with torch.no_grad():
+        linear = probe(test_features).argmax(dim=1).numpy()
+    result: dict[str, Any] = {"feature_dim": int(train_features.shape[1])}
+    for name, pred in (("knn", knn), ("linear", linear)):
+        result[name] = {
+            **classification_metrics(test_labels, pred),
+            "per_class": per_class_metrics(test_labels, pred, class_names),
+            "predictions": pred.tolist(),
+        }
+    result["rankme"] = rankme(test_features)
+    return result
+
+
+def resolve_model(
+    spec: str, model_kwargs: dict[str, Any] | None = None, *, seed: int = 0
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of ``--model`` (an export folder or ``random:TIMM_NAME``) and its settings
+    (architecture, model kwargs, mean, std, input size or None when not fixed)."""
+    if spec.startswith(RANDOM_PREFIX):
+        arch, kwargs = spec[len(RANDOM_PREFIX) :], dict(model_kwargs or {})
+        torch.manual_seed(seed)
+        model = create_backbone(arch, **kwargs).eval()
+        size = kwargs.get("img_size") or getattr(
+            getattr(model, "patch_embed", None), "img_size", None
+        )
+        info = {"mean": list(HE_MEAN), "std": list(HE_STD), "input_size": _side(size)}
+        return model, {"architecture": arch, "model_kwargs": kwargs, **info}
+    if model_kwargs:
+        raise ScratchpathError("--model-kwargs: only for random:NAME models (exports fix them)")
+    config = load_config(spec)
+    model = load_backbone(spec)
+    return model, {
+        "architecture": config["architecture"],
+        "model_kwargs": config.get("model_kwargs") or {},
+        "mean": list(config["mean"]),
+        "std": list(config["std"]),
+        "input_size": _side(config.get("input_size")),
+        "mpp": config.get("mpp"),
+    }
+
+
+def _side(size: Any) -> int | None:
+    if size is None:
+        return None
+    return int(size[-1]) if isinstance(size, Sequence) else int(size)
+
+
+def _store_info(store: PatchStore, indices: np.ndarray) -> dict[str, Any]:
+    counts = np.bincount(store.labels[indices], minlength=len(store.class_names))
+    return {
+        "paths": store.paths,
+        "fingerprint": store.fingerprint,
+        "mpp": store.mpp,
+        "tile_size": store.tile_size,
+        "n_tiles": len(indices),
+        "indices": indices.tolist(),  # tile rows used, so the split can be audited and reused
+        "class_counts": dict(zip(store.class_names, counts.tolist(), strict=True)),
+    }
+
+
+def run_evaluation(
+    model: str,
+    out_dir: str | Path,
+    *,
+    train: str | None = None,
+    test: str | None = None,
+    data: str | None = None,
+    test_fraction: float = 0.3,
+    group_column: str = "group",
+    model_kwargs: dict[str, Any] | None = None,
+    input_size: int | None = None,
+    batch_size: int = 64,
+    k: int = 20,
+    linear_epochs: int = 100,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate ``model`` (export folder or ``random:TIMM_NAME``) by kNN and linear probe.
+
+    Either ``train`` and ``test`` stores, or one ``data`` store split by ``group_column``
+    (see :func:`~scratchpath.finetune.splits.grouped_split`). Tiles are resized to the model's
+    input size when it differs from the store's tile size (``input_size`` overrides; the
+    colour-histogram baseline always sees the stored tiles). Writes ``metrics.json``,
+    ``confusion_matrix.png`` and ``embedding_pca.png`` to ``out_dir`` and returns the metrics.
+    """
+    if (data is None) == (train is None or test is None):
+        raise ScratchpathError("eval: give either --train and --test, or --data")
+    backbone, info = resolve_model(model, model_kwargs, seed=seed)  # first: fail fast on typos
+    if data is not None:
+        train_store = test_store = PatchStore(data)
+        train_idx, test_idx = split_store(
+            train_store, test_fraction=test_fraction, group_column=group_column, seed=seed
+        )
+    else:
+        train_store, test_store = PatchStore(train), PatchStore(test)
+        train_idx, test_idx = np.arange(len(train_store)), np.arange(len(test_store))
+    y_train = require_labels(train_store, "--train")[train_idx]
+    y_test = require_labels(test_store, "--test")[test_idx]
+    if train_store.class_names != test_store.class_names:
+        raise ScratchpathError(
+            f"--test: classes {test_store.class_names} differ from {train_store.class_names}"
+        )
+    class_names = train_store.class_names
+
+    size = input_size or info["input_size"]
+    baseline_model = _random_twin(info, seed=seed + 1)
+
+    def embed(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        kw = {"mean": info["mean"], "std": info["std"], "batch_size": batch_size, "device": device}
+        m = m.to(device)
+        return (
+            extract_features(m, train_store, indices=train_idx, input_size=size, **kw),
+            extract_features(m, test_store, indices=test_idx, input_size=size, **kw),
+        )
+
+    features = {
+        "model": embed(backbone),
+        "random_init": embed(baseline_model),
+        "colour_histogram": (
+            colour_histogram_features(train_store, train_idx),
+            colour_histogram_features(test_store, test_idx),
+        ),
+    }
+    results = {
+        name: probe_features(
+            f_train,
+            y_train,
+            f_test,
+            y_test,
+            class_names,
+            k=k,
+            linear_epochs=linear_epochs,
+            seed=seed,
+        )
+        for name, (f_train, f_test) in features.items()
+    }
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "confusion_matrix": plot_confusion_matrices(
+            {
+                f"{p} probe": confusion_matrix(
+                    y_test, results["model"][p]["predictions"], labels=range(len(class_names))
+                )
+                for p in ("knn", "linear")
+            },
+            class_names,
+            out_dir / "confusion_matrix.png",
+            title=model,
+        ).name,
+        "embedding": plot_embedding(
+            features["model"][1], y_test, class_names, out_dir / "embedding_pca.png", title=model
+        ).name,
+    }
+    metrics = {
+        "model": model,
+        **{key: value for key, value in info.items() if key != "input_size"},
+        "input_size": size,
+        "class_names": class_names,
+        "train": _store_info(train_store, train_idx),
+        "test": _store_info(test_store, test_idx),
+        "split": None
+        if data is None
+        else {"test_fraction": test_fraction, "group_column": group_column, "seed": seed},
+        "protocol": {"knn_k": k, "knn_temperature": 0.07, "linear_epochs": linear_epochs},
+        "seed": seed,
+        "scratchpath_version": __version__,
+        "results": results,
+        "plots": plots,
+    }
+    _write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _random_twin(info: dict[str, Any], *, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_backbone(info["architecture"], **info["model_kwargs"]).eval()
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp creates 0600; a report is meant to be shared
+    with os.fdopen(fd, "w") as f:
+        json.dump(content, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A short text table: one row per feature set and probe."""
+    lines = [f"{'features':<18} {'probe':<7} {'acc':>6} {'bal.acc':>8} {'macro-F1':>9}"]
+    for name, result in metrics["results"].items():
+        for probe in ("knn", "linear"):
+            r = result[probe]
+            lines.append(
+                f"{name:<18} {probe:<7} {r['accuracy']:>6.3f} {r['balanced_accuracy']:>8.3f} "
+                f"{r['macro_f1']:>9.3f}"
+            )
+    return "\n".join(lines)

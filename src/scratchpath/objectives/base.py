@@ -1,0 +1,233 @@
+"""The shared LightningModule of every self-supervised objective.
+
+It owns what all objectives share: the online ``backbone``, the optimiser with its per-step LR /
+weight-decay schedules, the EMA update of a momentum teacher, logging, the non-finite-loss stop and
+the ``checkpoint["scratchpath"]`` provenance record. An objective subclasses it and implements
+``compute_loss(views)``. Precision (bf16) and SyncBatchNorm are the Trainer's flags.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from scratchpath.backbones import create_backbone
+from scratchpath.errors import ScratchpathError
+from scratchpath.objectives.optim import (
+    cosine_ramp,
+    create_optimizer,
+    param_groups,
+    scaled_lr,
+    warmup_cosine,
+)
+
+CHECKPOINT_VERSION = 1
+
+
+class SSLObjective(L.LightningModule):
+    """Base of the SSL objectives: backbone, optimiser, schedules, EMA teacher, checkpoint record.
+
+    Args:
+        backbone: timm model name, created from scratch
+            (:func:`scratchpath.backbones.create_backbone`).
+        backbone_kwargs: timm keyword arguments, e.g. ``{"img_size": 224, "patch_size": 16}``.
+        optimizer: ``"adamw"`` or ``"lars"`` (LARS for large-batch SimCLR / MoCo v3 ResNets).
+        lr: peak LR for a global batch of ``lr_reference_batch``; the run uses
+            ``lr × global_batch / lr_reference_batch`` with global batch = per-device batch ×
+            devices × gradient accumulation.
+        min_lr: LR at the end of the cosine decay.
+        lr_reference_batch: the batch size ``lr`` is given for.
+        warmup_epochs: linear LR warm-up from 0 (may be fractional).
+        weight_decay: weight decay at the first step.
+        weight_decay_end: weight decay at the last step (cosine); ``None`` keeps it constant.
+        adam_betas: AdamW betas (MAE uses ``(0.9, 0.95)``).
+        compile: ``torch.compile`` the backbone in place (state-dict keys are unchanged).
+        activation_checkpointing: recompute backbone activations in backward (timm).
+    """
+
+    objective_name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        backbone: str = "vit_small_patch16_224",
+        backbone_kwargs: dict[str, Any] | None = None,
+        optimizer: Literal["adamw", "lars"] = "adamw",
+        lr: float = 5e-4,
+        min_lr: float = 1e-6,
+        lr_reference_batch: int = 256,
+        warmup_epochs: float = 10.0,
+        weight_decay: float = 0.04,
+        weight_decay_end: float | None = None,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # also collects the subclass's constructor arguments
+        self.backbone = create_backbone(
+            backbone, activation_checkpointing=activation_checkpointing, **(backbone_kwargs or {})
+        )
+        self.total_steps = 0  # optimizer steps of the whole run, known once training starts
+        self.steps_per_epoch = 0.0
+        self.global_batch = 0  # per-device batch × devices × accumulation, from the first batch
+
+    # --- what an objective implements -------------------------------------------------------
+    def compute_loss(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The objective's scalar loss for normalised float views, each ``(B, 3, h, w)``."""
+        raise NotImplementedError
+
+    def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(online, EMA teacher)`` module pairs updated after every optimiser step."""
+        return []
+
+    def no_weight_decay(self) -> set[str]:
+        """Full parameter names never decayed (the backbone's positional embeddings and tokens)."""
+        names = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        return {f"backbone.{name}" for name in names}
+
+    def modules_to_compile(self) -> list[nn.Module]:
+        """Modules that ``compile=True`` compiles in place (the backbones)."""
+        teacher = getattr(self, "teacher_backbone", None)
+        return [self.backbone] if teacher is None else [self.backbone, teacher]
+
+    # --- teacher ----------------------------------------------------------------------------
+    def create_teacher_backbone(self) -> nn.Module:
+        """A frozen copy of ``backbone`` (without stochastic depth, as DINO's teacher)."""
+        kwargs = dict(self.hparams.backbone_kwargs or {})
+        if "drop_path_rate" in kwargs:
+            kwargs["drop_path_rate"] = 0.0
+        teacher = create_backbone(self.hparams.backbone, **kwargs)
+        teacher.load_state_dict(self.backbone.state_dict())
+        return teacher.requires_grad_(False)
+
+    def teacher_momentum(self) -> float:
+        """EMA momentum now: cosine from ``momentum`` to ``momentum_end`` (BYOL, DINO)."""
+        start, end = self.hparams.momentum, self.hparams.momentum_end
+        return cosine_ramp(self.global_step, self.total_steps, start, end)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """``teacher ← momentum · teacher + (1 − momentum) · online`` for every teacher pair."""
+        for online, teacher in self.teacher_pairs():
+            teacher_params = list(teacher.parameters())
+            online_params = [p.detach() for p in online.parameters()]
+            torch._foreach_mul_(teacher_params, momentum)
+            torch._foreach_add_(teacher_params, online_params, alpha=1.0 - momentum)
+
+    # --- Lightning hooks --------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and stage == "fit":
+            for module in self.modules_to_compile():
+                module.compile()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = param_groups(self.named_parameters(), self.no_weight_decay())
+        return create_optimizer(
+            self.hparams.optimizer,
+            groups,
+            weight_decay=self.hparams.weight_decay,
+            betas=tuple(self.hparams.adam_betas),
+        )
+
+    def on_train_start(self) -> None:
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches
+        batches = trainer.num_training_batches
+        if not math.isfinite(total):
+            raise ScratchpathError("trainer: set max_epochs or max_steps (the run has no end)")
+        if math.isfinite(batches):
+            self.steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        elif self.hparams.warmup_epochs > 0:
+            raise ScratchpathError("warmup_epochs: the training loader has no length, use 0")
+        self.total_steps = int(total)
+
+    def current_lr_and_weight_decay(self) -> tuple[float, float]:
+        """The scheduled LR and weight decay of the current optimiser step."""
+        hp = self.hparams
+        peak = scaled_lr(hp.lr, self.global_batch, hp.lr_reference_batch)
+        warmup = round(hp.warmup_epochs * self.steps_per_epoch)
+        lr = warmup_cosine(self.global_step, self.total_steps, peak, hp.min_lr, warmup)
+        wd_end = hp.weight_decay if hp.weight_decay_end is None else hp.weight_decay_end
+        return lr, cosine_ramp(self.global_step, self.total_steps, hp.weight_decay, wd_end)
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if not self.global_batch:
+            trainer = self.trainer
+            per_device = len(batch["views"][0])
+            self.global_batch = per_device * trainer.world_size * trainer.accumulate_grad_batches
+            rank_zero_info(
+                f"{self.objective_name}: global batch {self.global_batch}, peak lr "
+                f"{self.hparams.lr} × {self.global_batch}/{self.hparams.lr_reference_batch}"
+            )
+        lr, weight_decay = self.current_lr_and_weight_decay()
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+                group["weight_decay"] = weight_decay if group["apply_weight_decay"] else 0.0
+        self.log("train/lr", lr, prog_bar=True)
+        self.log("train/wd", weight_decay)
+        if self.teacher_pairs():
+            self.log("train/momentum", self.teacher_momentum())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch["views"])
+        finite = bool(torch.isfinite(loss).item())
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise ScratchpathError(
+                f"step {self.global_step}: loss is {loss.item()} (non-finite here or on another "
+                "rank); lower lr, lengthen warm-up or use 32-bit precision"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["views"][0]))
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.teacher_pairs():
+            self.update_teacher(self.teacher_momentum())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        checkpoint["scratchpath"] = {
+            "version": CHECKPOINT_VERSION,
+            "objective": self.objective_name,
+            "backbone": self.hparams.backbone,
+            "backbone_kwargs": dict(self.hparams.backbone_kwargs or {}),
+            "global_step": self.global_step,
+            "data": datamodule.describe() if hasattr(datamodule, "describe") else None,
+            "config": _resolved_config(trainer),
+            "git_sha": _git_sha(),
+        }
+
+
+def _resolved_config(trainer: L.Trainer) -> str | None:
+    """The run's resolved YAML: set by the CLI, else LightningCLI's ``config.yaml`` in log_dir."""
+    config = getattr(trainer, "scratchpath_config", None)
+    if config is not None:
+        return str(config)
+    log_dir = trainer.log_dir
+    path = Path(log_dir, "config.yaml") if log_dir else None
+    return path.read_text() if path is not None and path.is_file() else None
+
+
+def _git_sha() -> str | None:
+    """Commit of the scratchpath source tree, or None outside a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None

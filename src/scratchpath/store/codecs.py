@@ -1,0 +1,191 @@
+"""Tile codecs: how one (H, W, 3) uint8 tile becomes bytes in a shard, and back.
+
+Measured on real 224×224 H&E tiles (one core, imagecodecs 2026.3): JPEG q90 (4:2:0) is 6.2×
+smaller than raw at 4.3k decodes/s and 41 dB PSNR; lossless codecs barely compress H&E
+(zstd 1.05× at 9.8k/s, PNG 1.33× at 1.0k/s, WebP-lossless 1.9× at 1.0k/s and 5 ms/tile to encode
+with method 0; 2.0× but 100 ms/tile with method 6). Hence the default ``jpeg:90``, with ``zstd``
+(fast, standard zarr codecs only) and ``webp[:method]`` (smallest lossless) as lossless choices.
+
+Each codec is also a zarr v3 array->bytes codec, so ``zarr.open_group(store)["tiles"]`` decodes
+tiles with zarr itself once :func:`register_zarr_codecs` has run (PatchStore and StoreWriter call
+it). ``zstd`` needs no custom codec at all: it is zarr's standard ``bytes`` + ``zstd`` chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import imagecodecs
+import numpy as np
+from zarr.abc.codec import ArrayBytesCodec
+from zarr.core.common import JSON, parse_named_configuration
+
+from scratchpath.errors import ScratchpathError
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from zarr.core.array_spec import ArraySpec
+    from zarr.core.buffer import Buffer, NDBuffer
+
+CODEC_HELP = (
+    "jpeg[:QUALITY] (lossy, default jpeg:90), zstd[:LEVEL] (lossless, fast), "
+    "webp[:METHOD] (lossless, 2x smaller, METHOD 0-6 trades encode time for size)"
+)
+
+
+@dataclass(frozen=True)
+class TileCodec:
+    """A picklable tile codec: ``encode(tile) -> bytes`` and ``decode(bytes) -> (H, W, 3)``.
+
+    ``kind`` is ``"jpeg"``, ``"zstd"`` or ``"webp"``; ``level`` is the JPEG quality, the zstd
+    level or the WebP (lossless) method. ``tile_size`` is needed to reshape zstd's raw bytes.
+    """
+
+    kind: str
+    level: int
+    tile_size: int
+
+    @classmethod
+    def parse(cls, spec: str, tile_size: int, quality: int = 90) -> TileCodec:
+        """Build a codec from ``"jpeg"``, ``"jpeg:85"``, ``"zstd"``, ``"zstd:9"`` or ``"webp"``."""
+        kind, _, arg = spec.strip().lower().partition(":")
+        defaults = {"jpeg": quality, "zstd": 3, "webp": 0}
+        if kind not in defaults:
+            raise ScratchpathError(f"codec: unknown codec {spec!r}; choose {CODEC_HELP}")
+        try:
+            level = int(arg) if arg else defaults[kind]
+        except ValueError:
+            raise ScratchpathError(f"codec: bad level in {spec!r}; choose {CODEC_HELP}") from None
+        if kind == "jpeg" and not 1 <= level <= 100:
+            raise ScratchpathError(f"codec: JPEG quality must be 1..100, got {level}")
+        if kind == "zstd" and not 1 <= level <= 22:
+            raise ScratchpathError(f"codec: zstd level must be 1..22, got {level}")
+        if kind == "webp" and not 0 <= level <= 6:
+            raise ScratchpathError(f"codec: WebP method must be 0..6, got {level}")
+        return cls(kind=kind, level=level, tile_size=int(tile_size))
+
+    @property
+    def name(self) -> str:
+        """Canonical name, e.g. ``"jpeg:90"``, ``"zstd:3"``, ``"webp:0"``."""
+        return f"{self.kind}:{self.level}"
+
+    @property
+    def lossless(self) -> bool:
+        return self.kind != "jpeg"
+
+    def encode(self, tile: np.ndarray) -> bytes:
+        """Encode one (tile_size, tile_size, 3) uint8 RGB tile."""
+        shape = (self.tile_size, self.tile_size, 3)
+        if tile.shape != shape or tile.dtype != np.uint8:
+            raise ValueError(f"tile must be {shape} uint8, got {tile.shape} {tile.dtype}")
+        tile = np.ascontiguousarray(tile)
+        if self.kind == "jpeg":
+            return bytes(imagecodecs.jpeg8_encode(tile, level=self.level))
+        if self.kind == "zstd":
+            return bytes(imagecodecs.zstd_encode(tile.tobytes(), level=self.level))
+        return bytes(imagecodecs.webp_encode(tile, lossless=True, method=self.level))
+
+    def decode(self, blob: bytes | memoryview, out: np.ndarray | None = None) -> np.ndarray:
+        """Decode one tile, into ``out`` ((tile_size, tile_size, 3) uint8) when given."""
+        if self.kind == "jpeg":
+            return imagecodecs.jpeg8_decode(blob, out=out)
+        if self.kind == "zstd":
+            tile = np.frombuffer(imagecodecs.zstd_decode(blob), np.uint8)
+            tile = tile.reshape(self.tile_size, self.tile_size, 3)
+        else:
+            tile = imagecodecs.webp_decode(blob)
+        if out is None:
+            return tile
+        out[...] = tile
+        return out
+
+    def zarr_codecs(self) -> list[Any]:
+        """The zarr v3 codec chain of one (1, H, W, 3) chunk."""
+        from zarr.codecs import BytesCodec, ZstdCodec
+
+        if self.kind == "zstd":
+            return [BytesCodec(), ZstdCodec(level=self.level, checksum=False)]
+        if self.kind == "jpeg":
+            return [JpegZarrCodec(quality=self.level)]
+        return [WebpZarrCodec(method=self.level)]
+
+
+@dataclass(frozen=True)
+class _ImageZarrCodec(ArrayBytesCodec):
+    """A zarr v3 array->bytes codec for chunks of shape (1, H, W, 3) uint8 (one tile)."""
+
+    codec_name: ClassVar[str]
+    is_fixed_size = False
+
+    def _tile_codec(self, tile_size: int) -> TileCodec:
+        raise NotImplementedError
+
+    def validate(self, *, shape: Any, dtype: Any, chunk_grid: Any) -> None:
+        if np.dtype(dtype.to_native_dtype()) != np.uint8 or shape[-1] != 3:
+            raise ValueError(f"{self.codec_name} needs a (..., H, W, 3) uint8 array")
+
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
+        tile = self._tile_codec(chunk_spec.shape[-2]).decode(chunk_bytes.to_bytes())
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(tile.reshape(chunk_spec.shape))
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
+        return self._decode_sync(chunk_bytes, chunk_spec)
+
+    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        tile = np.asarray(chunk_array.as_ndarray_like()).reshape(chunk_spec.shape[-3:])
+        blob = self._tile_codec(chunk_spec.shape[-2]).encode(tile)
+        return chunk_spec.prototype.buffer.from_bytes(blob)
+
+    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        return self._encode_sync(chunk_array, chunk_spec)
+
+    def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
+        raise NotImplementedError  # variable-size output
+
+
+@dataclass(frozen=True)
+class JpegZarrCodec(_ImageZarrCodec):
+    """JPEG (libjpeg-turbo via imagecodecs) as a zarr v3 codec named ``scratchpath.jpeg``."""
+
+    codec_name: ClassVar[str] = "scratchpath.jpeg"
+    quality: int = 90
+
+    @classmethod
+    def from_dict(cls, data: dict[str, JSON]) -> Self:
+        _, config = parse_named_configuration(data, cls.codec_name, require_configuration=False)
+        return cls(**(config or {}))  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, JSON]:
+        return {"name": self.codec_name, "configuration": {"quality": self.quality}}
+
+    def _tile_codec(self, tile_size: int) -> TileCodec:
+        return TileCodec("jpeg", self.quality, tile_size)
+
+
+@dataclass(frozen=True)
+class WebpZarrCodec(_ImageZarrCodec):
+    """Lossless WebP as a zarr v3 codec named ``scratchpath.webp``."""
+
+    codec_name: ClassVar[str] = "scratchpath.webp"
+    method: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, JSON]) -> Self:
+        _, config = parse_named_configuration(data, cls.codec_name, require_configuration=False)
+        return cls(**(config or {}))  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, JSON]:
+        return {"name": self.codec_name, "configuration": {"method": self.method}}
+
+    def _tile_codec(self, tile_size: int) -> TileCodec:
+        return TileCodec("webp", self.method, tile_size)
+
+
+def register_zarr_codecs() -> None:
+    """Make zarr-python able to decode scratchpath's JPEG and WebP tile chunks (idempotent)."""
+    from zarr.registry import register_codec
+
+    for codec_cls in (JpegZarrCodec, WebpZarrCodec):
+        register_codec(codec_cls.codec_name, codec_cls)

@@ -1,0 +1,191 @@
+"""Callbacks: online probe on a real labelled store, throughput, preemption checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from scratchpath.callbacks import (
+    AtomicCheckpointIO,
+    OnlineEvaluation,
+    PreemptionCheckpoint,
+    Throughput,
+)
+from scratchpath.errors import ScratchpathError
+from scratchpath.store import PatchStore, import_tiles
+
+N_VIEWS = 3
+
+
+@pytest.fixture(scope="module")
+def lc25000_store(tiles_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """40 tiles per class of LC25000 lung at 64 px, with their augmentation groups."""
+    source = tiles_dir / "lc25000_lung_224"
+    with open(source / "labels.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    subset = [row for label in ("lung_aca", "lung_n", "lung_scc") for row in
+              [r for r in rows if r["label"] == label][:40]]  # fmt: skip
+    folder = tmp_path_factory.mktemp("lc25000")
+    with open(folder / "labels.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(subset)
+    out = folder / "store"
+    import_tiles(source, out, labels_csv=folder / "labels.csv",
+                 group_column="lc25000clean_group_id", tile_size=64)  # fmt: skip
+    return str(out)
+
+
+class _TinyBackbones(L.LightningModule):
+    """Stands in for an objective: an online ``backbone`` and an optional ``teacher_backbone``."""
+
+    def __init__(self, teacher: nn.Module | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 16, 5, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+        if teacher is not None:
+            self.teacher_backbone = teacher
+
+
+class _Collapsed(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(len(x), 8)
+
+
+def test_online_evaluation_split_keeps_groups_apart(lc25000_store: str) -> None:
+    callback = OnlineEvaluation(lc25000_store, test_fraction=0.3, max_tiles=None)
+    callback.setup(L.Trainer(logger=False), _TinyBackbones(), "fit")
+    groups = np.asarray(PatchStore(lc25000_store).tiles["group"], dtype=str)
+    train_groups = set(groups[callback._sides["train"][1]])
+    test_groups = set(groups[callback._sides["test"][1]])
+    assert train_groups and test_groups and not train_groups & test_groups
+
+
+def test_online_evaluation_reports_accuracy_and_rank_of_random_backbone(lc25000_store: str) -> None:
+    callback = OnlineEvaluation(lc25000_store, linear_epochs=20, which="student")
+    metrics = callback.evaluate(L.Trainer(logger=False), _TinyBackbones())
+    assert set(metrics) == {"knn_acc", "knn_balanced_acc", "linear_acc", "rankme"}
+    # LC25000's classes differ in colour: even a random conv net separates them well
+    assert metrics["knn_acc"] > 0.5
+    assert metrics["rankme"] > 2.0
+
+
+def test_online_evaluation_probes_the_teacher(lc25000_store: str) -> None:
+    model = _TinyBackbones(teacher=_Collapsed())
+    metrics = OnlineEvaluation(lc25000_store, linear_epochs=5).evaluate(L.Trainer(), model)
+    assert metrics["rankme"] < 1.01  # the constant teacher, not the random student
+
+
+def test_online_evaluation_rejects_unlabelled_store(tiles_dir: Path, tmp_path: Path) -> None:
+    source = tiles_dir / "deeptexture_examples_unlabeled_256" / "unlabeled"
+    import_tiles(source, tmp_path / "store", tile_size=32)
+    with pytest.raises(ScratchpathError, match="train_store: .* has no labels"):
+        OnlineEvaluation(str(tmp_path / "store")).setup(L.Trainer(), _TinyBackbones(), "fit")
+
+
+class _ViewBatches(Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        return {"views": [torch.randn(3, 8, 8, generator=g) for _ in range(N_VIEWS)], "index": i}
+
+
+class _TinyObjective(L.LightningModule):
+    """A linear model trained on its views; ``signal_at_step`` sends a signal to this process."""
+
+    def __init__(self, signal_at_step: int | None = None, signum: int = signal.SIGUSR1) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(3 * 8 * 8, 4)
+        self.signal_at_step, self.signum = signal_at_step, signum
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.global_step == self.signal_at_step:
+            os.kill(os.getpid(), self.signum)
+        loss = sum(self.backbone(v.flatten(1)).pow(2).mean() for v in batch["views"])
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _trainer(root: Path, callbacks: list, max_steps: int = 6, **kwargs: object) -> L.Trainer:
+    return L.Trainer(
+        default_root_dir=root, accelerator="cpu", max_steps=max_steps, callbacks=callbacks,
+        logger=L.pytorch.loggers.CSVLogger(root, name="logs"), log_every_n_steps=1,
+        enable_progress_bar=False, enable_model_summary=False, **kwargs,
+    )  # fmt: skip
+
+
+def _loader() -> DataLoader:
+    return DataLoader(_ViewBatches(), batch_size=4)
+
+
+def test_throughput_counts_every_view(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, [Throughput(log_every_n_steps=2)])
+    trainer.fit(_TinyObjective(), _loader())
+    with open(Path(trainer.log_dir) / "metrics.csv", newline="") as file:
+        rows = [r for r in csv.DictReader(file) if r.get("perf/images_per_s")]
+    assert rows, "no throughput logged"
+    for row in rows:
+        ratio = float(row["perf/images_per_s"]) / float(row["perf/samples_per_s"])
+        assert ratio == pytest.approx(N_VIEWS)
+        assert float(row["perf/peak_rss_gb"]) > 0.01
+
+
+def test_preemption_signal_saves_last_checkpoint_and_stops(tmp_path: Path) -> None:
+    callback = PreemptionCheckpoint()
+    trainer = _trainer(tmp_path, [callback], max_steps=50)
+    trainer.fit(_TinyObjective(signal_at_step=3), _loader())
+    assert callback.received == signal.SIGUSR1
+    checkpoint = torch.load(callback.saved_path, weights_only=True)
+    assert checkpoint["global_step"] == 4  # the batch in flight finishes, then the save
+    assert trainer.global_step == 4
+
+
+def test_preemption_on_sigterm_builds_on_lightning(tmp_path: Path) -> None:
+    callback = PreemptionCheckpoint()
+    trainer = _trainer(tmp_path, [callback], max_steps=50)
+    with pytest.raises(SystemExit):  # Lightning's SIGTERMException, after our save
+        trainer.fit(_TinyObjective(signal_at_step=2, signum=signal.SIGTERM), _loader())
+    assert callback.received == signal.SIGTERM
+    assert torch.load(callback.saved_path, weights_only=True)["global_step"] == 3
+
+
+def test_training_end_writes_last_checkpoint(tmp_path: Path) -> None:
+    callback = PreemptionCheckpoint()
+    trainer = _trainer(tmp_path, [callback], max_steps=5, enable_checkpointing=False)
+    trainer.fit(_TinyObjective(), _loader())  # no ModelCheckpoint: nothing else saves
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+
+
+def test_atomic_checkpoint_io_keeps_old_file_when_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+
+    def torn_save(obj: object, file: object) -> None:
+        file.write(b"half a checkpoint")  # type: ignore[attr-defined]
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="killed mid-write"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

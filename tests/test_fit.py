@@ -1,0 +1,220 @@
+"""`scratchpath fit`: the smoke recipes train on real tiles, DDP, preemption + resume, errors."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from scratchpath.cli import main
+from scratchpath.cli.fit import auto_precision, class_path, run_fit
+from scratchpath.objectives import OBJECTIVES
+from scratchpath.store import import_tiles
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+SMOKE = ["smoke_simclr", "smoke_mocov3", "smoke_dino", "smoke_mae"]
+SMOKE_STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def stores(tiles_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The smoke recipes' two stores from real tiles, at 64 px to keep CPU steps cheap:
+    the 240 unlabelled DeepTexture tiles and 40 tiles per class of LC25000 lung."""
+    root = tmp_path_factory.mktemp("stores")
+    unlabelled = tiles_dir / "deeptexture_examples_unlabeled_256" / "unlabeled"
+    import_tiles(unlabelled, root / "smoke_store", tile_size=64)
+    source = tiles_dir / "lc25000_lung_224"
+    with open(source / "labels.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    subset = [r for label in ("lung_aca", "lung_n", "lung_scc")
+              for r in [r for r in rows if r["label"] == label][:40]]  # fmt: skip
+    with open(root / "lc_labels.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(subset)
+    import_tiles(source, root / "lc25000_store", labels_csv=root / "lc_labels.csv",
+                 group_column="lc25000clean_group_id", tile_size=64)  # fmt: skip
+    return {"smoke_store": root / "smoke_store", "lc25000_store": root / "lc25000_store"}
+
+
+def _workdir(folder: Path, stores: dict[str, Path]) -> Path:
+    """A folder laid out like the repository root for the recipes: runs/<store> links."""
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
+    for name, path in stores.items():
+        (folder / "runs" / name).symlink_to(path)
+    return folder
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(_workdir(tmp_path, stores))
+    return tmp_path
+
+
+@pytest.fixture(scope="module", params=SMOKE)
+def smoke_run(
+    request: pytest.FixtureRequest, stores: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    """Each smoke recipe trained for SMOKE_STEPS steps, logging every step."""
+    name = request.param
+    folder = _workdir(tmp_path_factory.mktemp(name), stores)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        status = run_fit(["--config", str(RECIPES / f"{name}.yaml"),
+                          "--trainer.max_steps", str(SMOKE_STEPS),
+                          "--trainer.log_every_n_steps", "1"])  # fmt: skip
+    assert status == 0
+    yield name, folder / "runs" / name
+
+
+def _metrics(run_dir: Path, version: int = 0) -> list[dict[str, str]]:
+    with open(run_dir / "logs" / f"version_{version}" / "metrics.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _losses(rows: list[dict[str, str]]) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+
+
+def test_smoke_recipe_loss_goes_down(smoke_run: tuple[str, Path]) -> None:
+    name, run_dir = smoke_run
+    losses = [loss for _, loss in _losses(_metrics(run_dir))]
+    assert len(losses) == SMOKE_STEPS
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first, f"{name}: loss {losses}"
+
+
+def test_smoke_recipe_logs_online_evaluation(smoke_run: tuple[str, Path]) -> None:
+    _, run_dir = smoke_run
+    rows = [r for r in _metrics(run_dir) if r.get("online/knn_acc")]
+    assert [int(r["step"]) for r in rows] == [SMOKE_STEPS - 1]  # at the last step
+    assert 0.0 <= float(rows[0]["online/knn_acc"]) <= 1.0
+    assert float(rows[0]["online/rankme"]) > 1.0
+
+
+def test_checkpoint_records_scratchpath_metadata_and_config(smoke_run: tuple[str, Path]) -> None:
+    name, run_dir = smoke_run
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    record = checkpoint["scratchpath"]
+    assert record["global_step"] == SMOKE_STEPS
+    assert record["objective"] == name.removeprefix("smoke_")
+    config = yaml.safe_load(record["config"])
+    assert config["trainer"]["max_steps"] == SMOKE_STEPS  # the command-line override
+    assert config["trainer"]["precision"] == "32-true"  # chosen for the CPU
+    assert config["model"]["class_path"] == class_path(OBJECTIVES[record["objective"]])
+    assert (run_dir / "logs" / "version_0" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_method_alias_resolves_to_objectives_entry(
+    name: str, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = run_fit(["--model", name, "--data.stores", "[runs/smoke_store]",
+                      "--data.views", "scratchpath.views.TwoViews", "--print_config"])  # fmt: skip
+    assert status == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == class_path(OBJECTIVES[name])
+
+
+def test_environment_variable_overrides_recipe_field(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SCRATCHPATH_FIT_TRAINER__MAX_STEPS", "7")
+    assert run_fit(["--config", str(RECIPES / "smoke_mae.yaml"), "--print_config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["max_steps"] == 7
+
+
+def test_auto_precision_is_bf16_on_gpu_and_fp32_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert auto_precision("cpu") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert auto_precision("auto") == "bf16-mixed"
+    assert auto_precision("cpu") == "32-true"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--model", "byol"], "error: model: unknown method 'byol'"),
+        (["--model.backbone", "vit_nonexistent"], "error: model.backbone: unknown timm model"),
+        (["--data.stores", "[runs/no_such_store]"], "error: data.stores: patch store not found"),
+    ],
+    ids=["unknown-method", "unknown-timm-model", "missing-store"],
+)
+def test_bad_config_fails_with_one_line_error(
+    override: list[str], message: str, workdir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["fit", "--config", str(RECIPES / "smoke_mae.yaml"), *override])
+    err = capfd.readouterr().err.strip()
+    assert status == 2
+    assert err.startswith(message)
+    assert len(err.splitlines()) == 1, err
+
+
+def test_non_finite_loss_stops_naming_the_step(
+    workdir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["fit", "--config", str(RECIPES / "smoke_mae.yaml"), "--model.lr", "1e30",
+                   "--model.warmup_epochs", "0", "--trainer.max_steps", "6"])  # fmt: skip
+    err_lines = capfd.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err_lines[-1].startswith("error: step ")
+    assert "Traceback" not in "\n".join(err_lines)
+
+
+def _fit_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "scratchpath", "fit", *args]
+
+
+def test_ddp_two_cpu_processes_train_and_checkpoint(workdir: Path) -> None:
+    result = subprocess.run(
+        _fit_command("--config", str(RECIPES / "smoke_simclr.yaml"), "--trainer.strategy", "ddp",
+                     "--trainer.devices", "2", "--trainer.max_steps", "3",
+                     "--data.batch_size", "8"),  # fmt: skip
+        cwd=workdir, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(workdir / "runs/smoke_simclr/checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3
+    assert "global batch 16" in result.stderr  # 2 ranks x 8
+
+
+def test_sigterm_saves_checkpoint_and_resume_continues_at_its_step(workdir: Path) -> None:
+    recipe = str(RECIPES / "smoke_mae.yaml")
+    process = subprocess.Popen(
+        _fit_command("--config", recipe, "--trainer.max_steps", "1000",
+                     "--trainer.log_every_n_steps", "1"),  # fmt: skip
+        cwd=workdir, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    watchdog = threading.Timer(300, process.kill)
+    watchdog.start()
+    try:
+        for line in process.stderr:  # the objective announces its first batch
+            if "global batch" in line:
+                break
+        os.kill(process.pid, signal.SIGTERM)
+        stderr = process.stderr.read()
+        status = process.wait()
+    finally:
+        watchdog.cancel()
+    assert status == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr
+    last = workdir / "runs/smoke_mae/checkpoints/last.ckpt"
+    stopped_at = torch.load(last, weights_only=True)["global_step"]
+    assert stopped_at >= 1
+
+    assert run_fit(["--config", recipe, "--ckpt_path", "last", "--trainer.log_every_n_steps", "1",
+                    "--trainer.max_steps", str(stopped_at + 2)]) == 0  # fmt: skip
+    resumed = _losses(_metrics(workdir / "runs/smoke_mae", version=1))
+    assert [step for step, _ in resumed] == [stopped_at, stopped_at + 1]
+    assert torch.load(last, weights_only=True)["global_step"] == stopped_at + 2

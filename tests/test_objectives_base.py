@@ -1,0 +1,172 @@
+"""Shared objective machinery: schedules, LR scaling, weight-decay groups, stops, checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import lightning as L
+import pytest
+import torch
+from timm.optim import Lars
+from torch.utils.data import DataLoader
+
+from objective_helpers import one_torch_thread  # noqa: F401
+from scratchpath.errors import ScratchpathError
+from scratchpath.objectives import DINO, MAE, OBJECTIVES, MoCoV3, SimCLR
+from scratchpath.objectives.optim import cosine_ramp, warmup_cosine
+
+TINY_VIT = {
+    "backbone": "vit_tiny_patch16_224",
+    "backbone_kwargs": {"img_size": 32, "patch_size": 8, "depth": 1},
+}
+SMALL_HEAD = {"proj_hidden_dim": 32, "proj_out_dim": 16}
+
+
+def synthetic_batch(batch_size: int = 4, n_views: int = 2, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    views = [torch.randn(batch_size, 3, 32, 32, generator=generator) for _ in range(n_views)]
+    return {"views": views, "index": torch.arange(batch_size)}
+
+
+def fit(module: L.LightningModule, batches: list[dict], **trainer_kwargs) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    return trainer
+
+
+def test_warmup_cosine_rises_linearly_then_decays_to_end():
+    values = [warmup_cosine(step, 110, peak=1.0, end=0.1, warmup_steps=10) for step in range(111)]
+    assert values[0] == 0.0
+    assert values[5] == pytest.approx(0.5)
+    assert values[10] == pytest.approx(1.0)
+    assert values[60] == pytest.approx(0.55)  # halfway through the cosine
+    assert values[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(values[10:]))
+
+
+def test_cosine_ramp_goes_from_start_to_end():
+    assert cosine_ramp(0, 100, 0.04, 0.4) == pytest.approx(0.04)
+    assert cosine_ramp(50, 100, 0.04, 0.4) == pytest.approx(0.22)
+    assert cosine_ramp(100, 100, 0.04, 0.4) == pytest.approx(0.4)
+
+
+def test_lr_is_scaled_by_batch_times_devices_times_accumulation():
+    module = SimCLR(
+        **TINY_VIT, **SMALL_HEAD, lr=1e-3, lr_reference_batch=256, warmup_epochs=0, min_lr=0.0
+    )
+    trainer = fit(module, [synthetic_batch(4)] * 2, max_steps=1, accumulate_grad_batches=2)
+    assert module.global_batch == 4 * 1 * 2
+    # After one optimiser step the LR set for that step (step 0, no warm-up) is the scaled peak.
+    lrs = [group["lr"] for group in trainer.optimizers[0].param_groups]
+    assert lrs == [pytest.approx(1e-3 * 8 / 256)] * 2
+
+
+def test_schedules_are_applied_per_step_during_fit():
+    module = SimCLR(
+        **TINY_VIT, **SMALL_HEAD, lr=1e-3, lr_reference_batch=4, min_lr=1e-5,
+        warmup_epochs=1, weight_decay=0.04, weight_decay_end=0.4,
+    )  # fmt: skip
+    seen: list[tuple[float, float]] = []
+
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            decayed = next(g for g in optimizer.param_groups if g["apply_weight_decay"])
+            seen.append((decayed["lr"], decayed["weight_decay"]))
+
+    fit(module, [synthetic_batch(4)] * 2, max_epochs=3, callbacks=[Record()])
+    # 2 steps per epoch, 6 in all, warm-up 2 steps
+    expected = [
+        (warmup_cosine(step, 6, 1e-3, 1e-5, 2), cosine_ramp(step, 6, 0.04, 0.4))
+        for step in range(6)
+    ]
+    assert seen == [(pytest.approx(lr), pytest.approx(wd)) for lr, wd in expected]
+
+
+def test_no_weight_decay_on_biases_norms_positions_and_tokens():
+    module = SimCLR(**TINY_VIT, **SMALL_HEAD, weight_decay=0.05)
+    optimizer = module.configure_optimizers()
+    by_id = {id(p): name for name, p in module.named_parameters()}
+    decayed = {
+        by_id[id(p)] for g in optimizer.param_groups if g["apply_weight_decay"] for p in g["params"]
+    }
+    for name in ("backbone.pos_embed", "backbone.cls_token", "backbone.norm.weight",
+                 "backbone.blocks.0.attn.qkv.bias", "projector.1.weight"):  # fmt: skip
+        assert name not in decayed
+    assert "backbone.blocks.0.attn.qkv.weight" in decayed
+    assert "projector.0.weight" in decayed
+
+
+def test_lars_uses_timm_lars_and_adapts_only_decayed_parameters():
+    module = SimCLR(**TINY_VIT, **SMALL_HEAD, optimizer="lars")
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, Lars)
+    assert {g["apply_weight_decay"]: g["always_adapt"] for g in optimizer.param_groups} == {
+        True: True,
+        False: False,
+    }
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step():
+    class Diverging(SimCLR):
+        def compute_loss(self, views):
+            loss = super().compute_loss(views)
+            return loss * float("nan") if self.global_step == 1 else loss
+
+    module = Diverging(**TINY_VIT, **SMALL_HEAD, warmup_epochs=0)
+    with pytest.raises(ScratchpathError, match="step 1: loss is nan"):
+        fit(module, [synthetic_batch(4)] * 3, max_steps=3)
+
+
+def test_checkpoint_records_provenance(tmp_path):
+    class TinyData(L.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader([synthetic_batch(4)], batch_size=None)
+
+        def describe(self):
+            return {"mpp": 0.5, "tile_size": 32, "stores": []}
+
+    module = SimCLR(**TINY_VIT, **SMALL_HEAD)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.scratchpath_config = "model:\n  class_path: SimCLR\n"
+    trainer.fit(module, datamodule=TinyData())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    record = checkpoint["scratchpath"]
+    assert record["objective"] == "simclr"
+    assert record["backbone"] == "vit_tiny_patch16_224"
+    assert record["backbone_kwargs"] == TINY_VIT["backbone_kwargs"]
+    assert record["global_step"] == 1
+    assert record["data"] == {"mpp": 0.5, "tile_size": 32, "stores": []}
+    assert record["config"] == "model:\n  class_path: SimCLR\n"
+    assert record["git_sha"] is None or len(record["git_sha"]) == 40
+    assert any(key.startswith("backbone.") for key in checkpoint["state_dict"])
+
+
+def test_compile_keeps_state_dict_keys():
+    module = SimCLR(**TINY_VIT, **SMALL_HEAD, compile=True)
+    keys = set(module.state_dict())
+    module.setup("fit")  # compiles lazily in place: nothing runs until the first forward
+    assert set(module.state_dict()) == keys
+
+
+def test_objectives_registry_names_match_classes():
+    assert {"simclr": SimCLR, "mocov3": MoCoV3, "dino": DINO, "mae": MAE} == OBJECTIVES
+    assert all(cls.objective_name == name for name, cls in OBJECTIVES.items())
+
+
+def test_hparams_include_base_and_objective_arguments():
+    module = SimCLR(**TINY_VIT, **SMALL_HEAD, lr=0.3, optimizer="lars")
+    assert module.hparams.backbone == "vit_tiny_patch16_224"
+    assert module.hparams.lr == 0.3 and module.hparams.proj_out_dim == 16
+    assert math.isclose(module.hparams.temperature, 0.1)
