@@ -32,16 +32,24 @@ def lc25000_store(tiles_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     source = tiles_dir / "lc25000_lung_224"
     with open(source / "labels.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    subset = [row for label in ("lung_aca", "lung_n", "lung_scc") for row in
-              [r for r in rows if r["label"] == label][:40]]  # fmt: skip
+    subset = [
+        row
+        for label in ("lung_aca", "lung_n", "lung_scc")
+        for row in [r for r in rows if r["label"] == label][:40]
+    ]
     folder = tmp_path_factory.mktemp("lc25000")
     with open(folder / "labels.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(subset)
     out = folder / "store"
-    import_tiles(source, out, labels_csv=folder / "labels.csv",
-                 group_column="lc25000clean_group_id", tile_size=64)  # fmt: skip
+    import_tiles(
+        source,
+        out,
+        labels_csv=folder / "labels.csv",
+        group_column="lc25000clean_group_id",
+        tile_size=64,
+    )
     return str(out)
 
 
@@ -90,7 +98,7 @@ def test_online_evaluation_probes_the_teacher(lc25000_store: str) -> None:
 def test_online_evaluation_rejects_unlabelled_store(tiles_dir: Path, tmp_path: Path) -> None:
     source = tiles_dir / "deeptexture_examples_unlabeled_256" / "unlabeled"
     import_tiles(source, tmp_path / "store", tile_size=32)
-    with pytest.raises(ScratchpathError, match="train_store: .* has no labels"):
+    with pytest.raises(ScratchpathError, match=r"train_store: .* has no labels"):
         OnlineEvaluation(str(tmp_path / "store")).setup(L.Trainer(), _TinyBackbones(), "fit")
 
 
@@ -124,10 +132,16 @@ class _TinyObjective(L.LightningModule):
 
 def _trainer(root: Path, callbacks: list, max_steps: int = 6, **kwargs: object) -> L.Trainer:
     return L.Trainer(
-        default_root_dir=root, accelerator="cpu", max_steps=max_steps, callbacks=callbacks,
-        logger=L.pytorch.loggers.CSVLogger(root, name="logs"), log_every_n_steps=1,
-        enable_progress_bar=False, enable_model_summary=False, **kwargs,
-    )  # fmt: skip
+        default_root_dir=root,
+        accelerator="cpu",
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=L.pytorch.loggers.CSVLogger(root, name="logs"),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def _loader() -> DataLoader:
@@ -135,7 +149,7 @@ def _loader() -> DataLoader:
 
 
 def test_throughput_counts_every_view(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, [Throughput(log_every_n_steps=2)])
+    trainer = _trainer(tmp_path, [Throughput(window=2)])
     trainer.fit(_TinyObjective(), _loader())
     with open(Path(trainer.log_dir) / "metrics.csv", newline="") as file:
         rows = [r for r in csv.DictReader(file) if r.get("perf/images_per_s")]

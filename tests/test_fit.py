@@ -36,14 +36,22 @@ def stores(tiles_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     source = tiles_dir / "lc25000_lung_224"
     with open(source / "labels.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    subset = [r for label in ("lung_aca", "lung_n", "lung_scc")
-              for r in [r for r in rows if r["label"] == label][:40]]  # fmt: skip
+    subset = [
+        r
+        for label in ("lung_aca", "lung_n", "lung_scc")
+        for r in [r for r in rows if r["label"] == label][:40]
+    ]
     with open(root / "lc_labels.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(subset)
-    import_tiles(source, root / "lc25000_store", labels_csv=root / "lc_labels.csv",
-                 group_column="lc25000clean_group_id", tile_size=64)  # fmt: skip
+    import_tiles(
+        source,
+        root / "lc25000_store",
+        labels_csv=root / "lc_labels.csv",
+        group_column="lc25000clean_group_id",
+        tile_size=64,
+    )
     return {"smoke_store": root / "smoke_store", "lc25000_store": root / "lc25000_store"}
 
 
@@ -63,16 +71,25 @@ def workdir(tmp_path: Path, stores: dict[str, Path], monkeypatch: pytest.MonkeyP
 
 @pytest.fixture(scope="module", params=SMOKE)
 def smoke_run(
-    request: pytest.FixtureRequest, stores: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    stores: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[str, Path]]:
     """Each smoke recipe trained for SMOKE_STEPS steps, logging every step."""
     name = request.param
     folder = _workdir(tmp_path_factory.mktemp(name), stores)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        status = run_fit(["--config", str(RECIPES / f"{name}.yaml"),
-                          "--trainer.max_steps", str(SMOKE_STEPS),
-                          "--trainer.log_every_n_steps", "1"])  # fmt: skip
+        status = run_fit(
+            [
+                "--config",
+                str(RECIPES / f"{name}.yaml"),
+                "--trainer.max_steps",
+                str(SMOKE_STEPS),
+                "--trainer.log_every_n_steps",
+                "1",
+            ]
+        )
     assert status == 0
     yield name, folder / "runs" / name
 
@@ -119,19 +136,28 @@ def test_checkpoint_records_scratchpath_metadata_and_config(smoke_run: tuple[str
 def test_method_alias_resolves_to_objectives_entry(
     name: str, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    status = run_fit(["--model", name, "--data.stores", "[runs/smoke_store]",
-                      "--data.views", "scratchpath.views.TwoViews", "--print_config"])  # fmt: skip
+    status = run_fit(
+        [
+            "--model",
+            name,
+            "--data.stores",
+            "[runs/smoke_store]",
+            "--data.views",
+            "scratchpath.views.TwoViews",
+            "--print_config",
+        ]
+    )
     assert status == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] == class_path(OBJECTIVES[name])
 
 
-def test_environment_variable_overrides_recipe_field(
+def test_environment_variable_sets_field_the_recipe_leaves_out(
     workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SCRATCHPATH_FIT_TRAINER__MAX_STEPS", "7")
+    monkeypatch.setenv("SCRATCHPATH_FIT_DATA__SHUFFLE_BUFFER", "123")  # not in the recipe
     assert run_fit(["--config", str(RECIPES / "smoke_mae.yaml"), "--print_config"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["max_steps"] == 7
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["shuffle_buffer"] == 123
 
 
 def test_auto_precision_is_bf16_on_gpu_and_fp32_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,8 +190,19 @@ def test_bad_config_fails_with_one_line_error(
 def test_non_finite_loss_stops_naming_the_step(
     workdir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    status = main(["fit", "--config", str(RECIPES / "smoke_mae.yaml"), "--model.lr", "1e30",
-                   "--model.warmup_epochs", "0", "--trainer.max_steps", "6"])  # fmt: skip
+    status = main(
+        [
+            "fit",
+            "--config",
+            str(RECIPES / "smoke_mae.yaml"),
+            "--model.lr",
+            "1e30",
+            "--model.warmup_epochs",
+            "0",
+            "--trainer.max_steps",
+            "6",
+        ]
+    )
     err_lines = capfd.readouterr().err.strip().splitlines()
     assert status == 2
     assert err_lines[-1].startswith("error: step ")
@@ -178,11 +215,23 @@ def _fit_command(*args: str) -> list[str]:
 
 def test_ddp_two_cpu_processes_train_and_checkpoint(workdir: Path) -> None:
     result = subprocess.run(
-        _fit_command("--config", str(RECIPES / "smoke_simclr.yaml"), "--trainer.strategy", "ddp",
-                     "--trainer.devices", "2", "--trainer.max_steps", "3",
-                     "--data.batch_size", "8"),  # fmt: skip
-        cwd=workdir, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        _fit_command(
+            "--config",
+            str(RECIPES / "smoke_simclr.yaml"),
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.devices",
+            "2",
+            "--trainer.max_steps",
+            "3",
+            "--data.batch_size",
+            "8",
+        ),
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(workdir / "runs/smoke_simclr/checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3
@@ -192,10 +241,14 @@ def test_ddp_two_cpu_processes_train_and_checkpoint(workdir: Path) -> None:
 def test_sigterm_saves_checkpoint_and_resume_continues_at_its_step(workdir: Path) -> None:
     recipe = str(RECIPES / "smoke_mae.yaml")
     process = subprocess.Popen(
-        _fit_command("--config", recipe, "--trainer.max_steps", "1000",
-                     "--trainer.log_every_n_steps", "1"),  # fmt: skip
-        cwd=workdir, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+        _fit_command(
+            "--config", recipe, "--trainer.max_steps", "1000", "--trainer.log_every_n_steps", "1"
+        ),
+        cwd=workdir,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     watchdog = threading.Timer(300, process.kill)
     watchdog.start()
     try:
@@ -213,8 +266,21 @@ def test_sigterm_saves_checkpoint_and_resume_continues_at_its_step(workdir: Path
     stopped_at = torch.load(last, weights_only=True)["global_step"]
     assert stopped_at >= 1
 
-    assert run_fit(["--config", recipe, "--ckpt_path", "last", "--trainer.log_every_n_steps", "1",
-                    "--trainer.max_steps", str(stopped_at + 2)]) == 0  # fmt: skip
+    assert (
+        run_fit(
+            [
+                "--config",
+                recipe,
+                "--ckpt_path",
+                "last",
+                "--trainer.log_every_n_steps",
+                "1",
+                "--trainer.max_steps",
+                str(stopped_at + 2),
+            ]
+        )
+        == 0
+    )
     resumed = _losses(_metrics(workdir / "runs/smoke_mae", version=1))
     assert [step for step, _ in resumed] == [stopped_at, stopped_at + 1]
     assert torch.load(last, weights_only=True)["global_step"] == stopped_at + 2

@@ -83,7 +83,7 @@ def test_tissue_detector_finds_the_outline_and_the_glass(ome_slide):
     detected = tissue_mask(thumb)
     model = SyntheticSlide(WIDTH, HEIGHT, mpp=0.5, tissue="mixed", seed=7)
     ys, xs = np.mgrid[0 : thumb.shape[0], 0 : thumb.shape[1]]
-    truth = model._sample(model._outline, (xs + 0.5) * downsample, (ys + 0.5) * downsample) > 0
+    truth = model.in_tissue((xs + 0.5) * downsample, (ys + 0.5) * downsample)
     agreement = (detected == truth).mean()
     assert 0.1 < truth.mean() < 0.95  # the slide has both tissue and glass
     assert agreement > 0.85
@@ -167,7 +167,7 @@ def test_large_slide_is_streamed_tile_row_by_tile_row(tmp_path, monkeypatch):
     """8192x8192 (192 MiB of RGB) is written while Python holds far less than the image.
 
     Rendering is replaced by a cheap coordinate pattern so the test measures the writer's
-    streaming (tile iterator + memory-mapped pyramid staging), not the tissue renderer.
+    streaming (tile iterator + on-disk pyramid staging), not the tissue renderer.
     """
     size = 8192
     calls = []
@@ -197,3 +197,29 @@ def test_large_slide_is_streamed_tile_row_by_tile_row(tmp_path, monkeypatch):
         expected = pattern(None, 5000, 7000, 64, 64)
         assert np.abs(region.astype(np.int16) - expected).mean() < 3
         assert len(slide.levels) == len(pyramid_shapes(size, size))
+
+
+def test_synth_command_writes_readable_slides_and_labelled_tiles(tmp_path, capsys):
+    from scratchpath.cli import main
+
+    status = main(["synth", "--out", str(tmp_path), "--slides", "2", "--size", "600x400",
+                   "--mpp", "0.25", "--tiles-per-class", "2", "--tile-size", "64"])  # fmt: skip
+    assert status == 0
+    slides = sorted((tmp_path / "slides").glob("*.ome.tif"))
+    assert [p.name for p in slides] == [
+        "synthetic_000_mixed.ome.tif",
+        "synthetic_001_tumour.ome.tif",
+    ]
+    with open_slide(slides[1]) as slide:
+        assert (slide.levels[0].width, slide.levels[0].height) == (600, 400)
+        assert slide.mpp == pytest.approx(0.25)
+    with open(tmp_path / "tiles" / "labels.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2 * len(TISSUE_TYPES)
+    assert "labels.csv" in capsys.readouterr().out
+
+
+def test_synth_command_rejects_an_unknown_tissue(tmp_path, capsys):
+    from scratchpath.cli import main
+
+    assert main(["synth", "--out", str(tmp_path), "--tissue", "bone"]) == 2
+    assert "--tissue" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["PatchStore", "load_backbone", "__version__"]
+__all__ = ["PatchStore", "__version__", "load_backbone"]
 
 
 def __getattr__(name: str):

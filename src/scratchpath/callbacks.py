@@ -12,6 +12,7 @@ import resource
 import signal
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
@@ -98,11 +99,6 @@ class OnlineEvaluation(L.Callback):
         self._last_step = -1
         self._sides: dict[str, tuple[Any, np.ndarray, np.ndarray]] = {}
 
-    @property
-    def store_paths(self) -> list[str]:
-        """The stores this callback reads (checked by the CLI before training starts)."""
-        return [p for p in (self.train_store, self.test_store) if p is not None]
-
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._sides:
             return
@@ -129,10 +125,9 @@ class OnlineEvaluation(L.Callback):
         if step == self._last_step or step == 0 or (step % self.every_n_steps and not last):
             return
         self._last_step = step
+        # Logged on every rank (the values are identical): ModelCheckpoint may monitor them.
         for name, value in self.evaluate(trainer, pl_module).items():
-            pl_module.log(
-                f"online/{name}", value, on_step=True, on_epoch=False, rank_zero_only=True
-            )
+            pl_module.log(f"online/{name}", value, on_step=True, on_epoch=False)
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
@@ -155,15 +150,10 @@ class OnlineEvaluation(L.Callback):
                     device=pl_module.device,
                     input_size=input_size,
                 )
-        (_, _, y_train), (_, _, y_test) = self._sides["train"], self._sides["test"]
-        knn = knn_eval(
-            features["train"], y_train, features["test"], y_test, k=self.k,
-            temperature=self.temperature,
-        )  # fmt: skip
-        linear = linear_probe_eval(
-            features["train"], y_train, features["test"], y_test,
-            epochs=self.linear_epochs, seed=self.seed,
-        )  # fmt: skip
+        train = (features["train"], self._sides["train"][2])  # (features, labels)
+        test = (features["test"], self._sides["test"][2])
+        knn = knn_eval(*train, *test, k=self.k, temperature=self.temperature)
+        linear = linear_probe_eval(*train, *test, epochs=self.linear_epochs, seed=self.seed)
         return {
             "knn_acc": knn["accuracy"],
             "knn_balanced_acc": knn["balanced_accuracy"],
@@ -218,67 +208,55 @@ def _fixed_input_size(backbone: nn.Module) -> int | None:
 
 
 class Throughput(L.Callback):
-    """Log training speed and memory every ``log_every_n_steps`` optimizer steps.
+    """Log training speed and memory, averaged over the last ``window`` batches.
 
     ``perf/images_per_s`` counts every view of every sample (two for SimCLR, 2 + n_local for
     DINO) over all ranks, ``perf/samples_per_s`` the source tiles; ``perf/step_time_s`` is the wall
     time per batch including data waiting, ``perf/data_wait_s`` the part spent waiting for the
-    loader. Memory: ``perf/max_cuda_memory_gb`` (peak allocated by torch) on CUDA, else
-    ``perf/peak_rss_gb`` (peak resident memory of this process).
+    loader (and in other callbacks). Memory: ``perf/max_cuda_memory_gb`` (peak allocated by
+    torch) on CUDA, else ``perf/peak_rss_gb`` (peak resident memory of this process). No CUDA
+    synchronisation is added: over a window, wall time between batch ends is the real rate.
     """
 
-    def __init__(self, log_every_n_steps: int = 50) -> None:
-        self.log_every_n_steps = log_every_n_steps
-        self._reset()
-
-    def _reset(self) -> None:
-        self._window_start: float | None = None
-        self._images = self._samples = self._batches = 0
-        self._data_wait = 0.0
+    def __init__(self, window: int = 50) -> None:
+        if window < 1:
+            raise ScratchpathError(f"window: must be >= 1, got {window}")
+        self.window = window
+        self._batches: deque[tuple[float, int, int, float]] = deque(maxlen=window)
         self._last_end: float | None = None
+        self._wait = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._reset()
+        self._batches.clear()
+        self._last_end = None  # the first batch pays for warm-up: not measured
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int
     ) -> None:
-        now = time.perf_counter()
-        if self._last_end is not None:
-            self._data_wait += now - self._last_end
+        self._wait = 0.0 if self._last_end is None else time.perf_counter() - self._last_end
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
-        _sync(pl_module.device)
         now = time.perf_counter()
-        if self._window_start is None:  # the first batch pays for warm-up: not measured
-            self._window_start = self._last_end = now
+        last, self._last_end = self._last_end, now
+        if last is None:
             return
-        self._last_end = now
         views = batch["views"]
-        self._images += sum(int(v.shape[0]) for v in views)
-        self._samples += int(views[0].shape[0])
-        self._batches += 1
-        if self._batches < self.log_every_n_steps:
-            return
-        elapsed = now - self._window_start
-        world = trainer.world_size
+        images = sum(int(v.shape[0]) for v in views)
+        self._batches.append((now - last, images, int(views[0].shape[0]), self._wait))
+        seconds, images, samples, wait = (
+            sum(column) for column in zip(*self._batches, strict=True)
+        )
+        n, world = len(self._batches), trainer.world_size
         metrics = {
-            "perf/images_per_s": self._images * world / elapsed,
-            "perf/samples_per_s": self._samples * world / elapsed,
-            "perf/step_time_s": elapsed / self._batches,
-            "perf/data_wait_s": self._data_wait / self._batches,
+            "perf/images_per_s": images * world / seconds,
+            "perf/samples_per_s": samples * world / seconds,
+            "perf/step_time_s": seconds / n,
+            "perf/data_wait_s": wait / n,
             **_memory_metrics(pl_module.device),
         }
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
-        self._window_start, self._images, self._samples, self._batches = now, 0, 0, 0
-        self._data_wait = 0.0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _memory_metrics(device: torch.device) -> dict[str, float]:

@@ -22,6 +22,7 @@ All sizes are physical (µm) and converted with the slide's µm/px, so a slide "
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -162,7 +163,11 @@ class SyntheticSlide:
 
     # -- low-resolution fields -------------------------------------------------------------
     def _make_outline(self, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-        """Signed field (> 0 inside tissue): 1–3 blobby pieces with ragged edges."""
+        """Signed distance-like field in field cells (> 0 inside tissue): 1–3 blobby pieces.
+
+        The large-scale wobble grows with the slide, the fine raggedness of the edge does not
+        (about one cell, ~30 µm), so big and small slides both get a crisp, irregular border.
+        """
         gh, gw = shape
         yy, xx = np.mgrid[0:gh, 0:gw].astype(np.float32)
         field = np.full(shape, -1.0, np.float32)
@@ -173,8 +178,9 @@ class SyntheticSlide:
             dx, dy = xx - cx, yy - cy
             u, v = dx * np.cos(a) + dy * np.sin(a), -dx * np.sin(a) + dy * np.cos(a)
             field = np.maximum(field, 1.0 - np.sqrt((u / rx) ** 2 + (v / ry) ** 2))
+        radius = 0.33 * min(gh, gw)  # cells from the centre of a piece to its edge
         coarse = _smooth_field(shape, max(2.0, min(gh, gw) / 8), rng)
-        return field + 0.18 * coarse + 0.05 * _smooth_field(shape, 1.5, rng)
+        return radius * (field + 0.18 * coarse) + 0.5 * _smooth_field(shape, 1.5, rng)
 
     def _make_type_fields(self, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         """(4, gh, gw) logits of the tissue types; softmax gives smooth region borders."""
@@ -204,12 +210,11 @@ class SyntheticSlide:
         logits = np.stack([self._sample(f, xs, ys) for f in self._types])
         return logits.argmax(0)
 
-    def tissue_fraction(self, x: int, y: int, w: int, h: int) -> float:
-        """Fraction of a region inside the tissue outline (coarse, from the low-res field)."""
+    def in_tissue(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """True at level-0 points inside the tissue outline (the ground truth of a mask)."""
         if self._outline is None:
-            return 1.0
-        ys, xs = np.mgrid[y : y + h : max(1, h // 16), x : x + w : max(1, w // 16)]
-        return float((self._sample(self._outline, xs, ys) > 0).mean())
+            return np.ones(np.shape(xs), bool)
+        return self._sample(self._outline, xs, ys) > 0
 
     # -- rendering -------------------------------------------------------------------------
     def render(self, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -218,7 +223,7 @@ class SyntheticSlide:
         x0, y0, w, h = x - m, y - m, width + 2 * m, height + 2 * m
         if self._outline is not None:
             inside = self._grid(self._outline, x0, y0, w, h)
-            if inside.max() < -0.08:  # only glass: skip the tissue work
+            if inside.max() < -0.5:  # only glass (see the edge below): skip the tissue work
                 return self._glass(x, y, width, height)
         types = np.stack([self._grid(f, x0, y0, w, h) for f in self._types])  # (4, h, w)
         types = np.exp(types - types.max(0, keepdims=True))
@@ -245,8 +250,9 @@ class SyntheticSlide:
         eosin *= 1.0 - 0.7 * np.clip(nuclei, 0, 1)
         scale = self._grid(self._intensity, x0, y0, w, h)
         if self._outline is not None:
+            # Ragged edge: ±0.2 cells of 12 µm noise, then a ~10 µm soft transition.
             edge = _value_noise(*self._coords(x0, y0, w, h, 12.0), self.seed + 5) - 0.5
-            mask = np.clip((inside + 0.06 * edge) * 25.0 + 0.5, 0, 1)
+            mask = np.clip((inside + 0.4 * edge) * 3.0 + 0.5, 0, 1)
             scale = scale * mask
         noise = self._sensor_noise(x0, y0, w, h)
         rgb = self.stain.to_rgb(hema * scale, eosin * scale, noise)
@@ -443,7 +449,7 @@ def write_slide(
     """Write a synthetic slide as a pyramidal, 256×256-tiled TIFF, like a scanner would.
 
     Level 0 is rendered one row of tiles at a time and streamed to tifffile; each reduced level
-    (×2 area average of the one above) is staged in a temporary memory-mapped file beside
+    (×2 area average of the one above) is staged in a temporary raw file beside
     ``path``, so memory stays at a few tile rows whatever the slide size. A ``.ome.tif`` path
     gets an OME-TIFF with the levels as SubIFDs and ``PhysicalSizeX/Y``; any other name a plain
     TIFF with one page per level (reduced levels marked NewSubfileType=1). Every level carries
@@ -465,9 +471,12 @@ def write_slide(
         codec = {"compression": "zstd", "predictor": True}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as stage:
+    with (
+        tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as stage,
+        contextlib.ExitStack() as staged,
+    ):
         levels = [
-            np.lib.format.open_memmap(Path(stage) / f"level{k}.npy", "w+", np.uint8, (*hw, 3))
+            staged.enter_context(_StagedLevel(Path(stage) / f"level{k}.rgb", *hw))
             for k, hw in enumerate(shapes[1:], start=1)
         ]
         sources = [_rendered_tiles(slide, levels[0] if levels else None)]
@@ -508,7 +517,35 @@ def _tiles_of_row(row: np.ndarray) -> Iterator[np.ndarray]:
         yield row[:, x : x + _TILE]
 
 
-def _halve_into(row: np.ndarray, y: int, target: np.ndarray | None) -> None:
+class _StagedLevel:
+    """A reduced level staged in a raw file, written and read in whole rows with plain file
+    I/O: unlike a memory map, its pages never count towards the process's resident memory."""
+
+    def __init__(self, path: Path, height: int, width: int) -> None:
+        self.shape = (height, width, 3)
+        self._row_bytes = width * 3
+        self._file = open(path, "w+b")  # noqa: SIM115 (closed by __exit__)
+        self._file.truncate(height * self._row_bytes)
+
+    def __enter__(self) -> _StagedLevel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def write_rows(self, y: int, rows: np.ndarray) -> None:
+        self._file.seek(y * self._row_bytes)
+        self._file.write(np.ascontiguousarray(rows).data)
+
+    def read_rows(self, y: int, n: int) -> np.ndarray:
+        n = min(n, self.shape[0] - y)
+        rows = np.empty((n, *self.shape[1:]), np.uint8)
+        self._file.seek(y * self._row_bytes)
+        self._file.readinto(rows.data)
+        return rows
+
+
+def _halve_into(row: np.ndarray, y: int, target: _StagedLevel | None) -> None:
     """Area-average a band 2× into rows ``y // 2 ...`` of the next level (edge rows padded)."""
     if target is None:
         return
@@ -516,10 +553,10 @@ def _halve_into(row: np.ndarray, y: int, target: np.ndarray | None) -> None:
     if h % 2 or w % 2:
         row = np.pad(row, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     half = cv2.resize(row, (row.shape[1] // 2, row.shape[0] // 2), interpolation=cv2.INTER_AREA)
-    target[y // 2 : y // 2 + half.shape[0]] = half[:, : target.shape[1]]
+    target.write_rows(y // 2, half[: target.shape[0] - y // 2, : target.shape[1]])
 
 
-def _rendered_tiles(slide: SyntheticSlide, next_level: np.ndarray | None) -> Iterator[np.ndarray]:
+def _rendered_tiles(slide: SyntheticSlide, next_level: _StagedLevel | None) -> Iterator[np.ndarray]:
     """Level-0 tiles in TIFF order (row-major), rendered one tile row at a time."""
     for y in range(0, slide.height, _TILE):
         h = min(_TILE, slide.height - y)
@@ -531,10 +568,10 @@ def _rendered_tiles(slide: SyntheticSlide, next_level: np.ndarray | None) -> Ite
         yield from _tiles_of_row(row)
 
 
-def _stored_tiles(level: np.ndarray, next_level: np.ndarray | None) -> Iterator[np.ndarray]:
-    """Tiles of a staged (memory-mapped) level, also filling the next level."""
+def _stored_tiles(level: _StagedLevel, next_level: _StagedLevel | None) -> Iterator[np.ndarray]:
+    """Tiles of a staged level, also filling the next level."""
     for y in range(0, level.shape[0], _TILE):
-        row = np.array(level[y : y + _TILE])
+        row = level.read_rows(y, _TILE)
         _halve_into(row, y, next_level)
         yield from _tiles_of_row(row)
 
@@ -568,8 +605,13 @@ def write_tile_set(
                                    outline=False)  # fmt: skip
             rng = np.random.default_rng(group_seed)
             for i in range(first, min(first + tiles_per_group, n_per_class)):
-                x, y = (int(v) for v in rng.integers(0, extent - size, 2))
-                tile = slide.render(x, y, size, size)
+                # Like a curated dataset, a glandular tile must show a gland (a lumen), not
+                # only the stroma between glands.
+                for _ in range(50):
+                    x, y = (int(v) for v in rng.integers(0, extent - size, 2))
+                    tile = slide.render(x, y, size, size)
+                    if name != "glandular" or (tile.mean(-1) > 215).mean() > 0.02:
+                        break
                 rel = f"{name}/{name}_{i:05d}.png"
                 cv2.imwrite(str(out / rel), cv2.cvtColor(tile, cv2.COLOR_RGB2BGR))
                 rows.append({"path": rel, "label": name, "group": group, "x": x, "y": y,

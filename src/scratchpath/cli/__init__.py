@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
             # main() hands 'fit ...' to LightningCLI before argparse sees it.
             subparsers.add_parser(
                 "fit",
-                help="pretrain a backbone from a recipe (LightningCLI; see 'scratchpath fit --help')",
+                help="pretrain a backbone from a recipe (LightningCLI; 'scratchpath fit --help')",
                 add_help=False,
             )
             continue

@@ -40,8 +40,8 @@ folder reuses the slides, tiles and stores and trains again. Default: a few minu
 # Demo sizes: (slides, slide px, labelled tiles per class, pretraining steps, batch, probe epochs)
 DEFAULT = {"slides": 4, "size": (4096, 3072), "per_class": 80, "steps": None, "batch": None,
            "linear_epochs": 100}  # fmt: skip
-QUICK = {"slides": 2, "size": (1536, 1536), "per_class": 16, "steps": 6, "batch": 16,
-         "linear_epochs": 20}  # fmt: skip
+QUICK = {"slides": 2, "size": (1536, 1536), "per_class": 16, "steps": 4, "batch": 16,
+         "linear_epochs": 10}  # fmt: skip
 SLIDE_MPP = 0.5  # µm/px the synthetic slides are "scanned" at
 STORE_MPP = 1.0  # µm/px of the stored tiles (96 px = 96 µm: several cells, a gland)
 TILE_SIZE = 96
@@ -67,6 +67,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="your slides (file or folder) instead of synthetic ones; the evaluation still uses "
         "the synthetic labelled tiles",
+    )
+    parser.add_argument(
+        "--assume-mpp",
+        type=float,
+        metavar="X",
+        help="µm per pixel of --slides files that record none (otherwise they are skipped)",
     )
     parser.add_argument("--quick", action="store_true", help="reduced sizes (< 1 min)")
     parser.add_argument(
@@ -151,12 +157,13 @@ def run(args: argparse.Namespace) -> int:
         raise ScratchpathError(f"--slides: {args.slides} does not exist")
     if args.steps is not None and args.steps < 1:
         raise ScratchpathError(f"--steps: must be at least 1, got {args.steps}")
-    out.mkdir(parents=True, exist_ok=True)
+    slides_source = None if args.slides is None else str(args.slides.resolve())
+    _claim_output(out, {"quick": args.quick, "seed": args.seed, "slides": slides_source})
     started = time.perf_counter()
     progress = _Progress(total=8)
     slides = _slides_step(progress, args, sizes, out)
     labels_csv = _tiles_step(progress, args, sizes, out)
-    pretrain_store = _ingest_step(progress, slides, out)
+    pretrain_store = _ingest_step(progress, slides, out, args.assume_mpp)
     labelled_store = _import_step(progress, labels_csv, out)
     preview_png = _preview_step(progress, pretrain_store, recipe, args.seed, out)
     checkpoint = _fit_step(progress, args, sizes, recipe, pretrain_store, out)
@@ -165,6 +172,26 @@ def run(args: argparse.Namespace) -> int:
     _summary(out, model_dir, metrics, preview_png, pretrain_store, time.perf_counter() - started,
              real_slides=args.slides is not None)  # fmt: skip
     return 0
+
+
+def _claim_output(out: Path, settings: dict) -> None:
+    """Reuse ``out`` only for the same demo settings: stores append, so mixing runs would mix
+    slides and duplicate labelled tiles."""
+    import json
+
+    marker = out / "demo.json"
+    if marker.is_file():
+        previous = json.loads(marker.read_text())
+        if previous != settings:
+            raise ScratchpathError(
+                f"--out: {out} holds a demo made with other settings ({previous}); "
+                "choose another folder or delete it"
+            )
+        return
+    if out.exists() and any(out.iterdir()):
+        raise ScratchpathError(f"--out: {out} exists and is not a demo folder")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(settings) + "\n")
 
 
 def _slides_step(progress: _Progress, args, sizes: dict, out: Path) -> list[Path]:
@@ -185,14 +212,15 @@ def _slides_step(progress: _Progress, args, sizes: dict, out: Path) -> list[Path
     folder = out / "slides"
     title = f"synthetic slides: {n} x {width}x{height} px @ {SLIDE_MPP} µm/px -> {folder}"
     with progress(title) as detail:
-        written = 0
+        written, paths = 0, []
         for i, tissue in enumerate(layouts):
-            path = folder / f"synthetic_{i:02d}_{tissue}.ome.tif"
+            path = folder / f"synthetic_{i:02d}_{tissue}_{width}x{height}.ome.tif"
             if not path.exists():  # deterministic: an earlier run wrote the same file
                 write_slide(path, width, height, mpp=SLIDE_MPP, tissue=tissue, seed=args.seed + i)
                 written += 1
+            paths.append(path)
         detail.append(f"{written} written, {n - written} reused")
-    return [folder]
+    return paths
 
 
 def _tiles_step(progress: _Progress, args, sizes: dict, out: Path) -> Path:
@@ -216,15 +244,16 @@ def _csv_rows(path: Path) -> int:
         return sum(1 for _ in csv.DictReader(f))
 
 
-def _ingest_step(progress: _Progress, slides: list[Path], out: Path) -> Path:
+def _ingest_step(
+    progress: _Progress, slides: list[Path], out: Path, assume_mpp: float | None
+) -> Path:
     from scratchpath.ingest import ingest
 
     store = out / "stores" / "pretrain"
     title = f"ingest at {STORE_MPP} µm/px, {TILE_SIZE} px tiles -> {store}"
     with progress(title) as detail:
-        failures: list[str] = []
         report = ingest(slides, store, mpp=STORE_MPP, tile_size=TILE_SIZE, min_tissue=0.5,
-                        progress=False, on_failure=failures.append)  # fmt: skip
+                        assume_mpp=assume_mpp, progress=False)  # fmt: skip
         from scratchpath.store import PatchStore
 
         n_tiles = len(PatchStore(store))
@@ -233,7 +262,8 @@ def _ingest_step(progress: _Progress, slides: list[Path], out: Path) -> Path:
         if report.failed:
             detail.append(f"{len(report.failed)} slide(s) failed (see {store}/run.json)")
         if n_tiles == 0:
-            raise ScratchpathError(f"{store}: no tiles ingested ({'; '.join(failures)[:300]})")
+            reasons = "; ".join(str(s.get("reason")) for s in report.failed)[:300]
+            raise ScratchpathError(f"{store}: no tiles ingested ({reasons or 'no tissue found'})")
     return store
 
 

@@ -10,8 +10,10 @@ A run is a YAML recipe plus command-line overrides of any field::
     scratchpath fit --model dino --model.backbone vit_tiny_patch16_224 --data.stores '[store]' \\
         --data.views scratchpath.views.MultiCrop
 
-Every field may also come from the environment: ``SCRATCHPATH_FIT_DATA__STORES='[/data/s]'``
-(``SCRATCHPATH_FIT_`` + the dotted key in upper case with ``__`` for ``.``).
+A field the recipe leaves out may come from the environment instead (cluster recipes leave out
+``data.stores``): ``SCRATCHPATH_FIT_DATA__STORES='[/data/s]'`` (``SCRATCHPATH_FIT_`` + the dotted
+key in upper case with ``__`` for ``.``). Precedence: defaults < environment < recipe < command
+line.
 
 What this module adds to LightningCLI: method aliases (``--model dino``), one-line errors for an
 unknown method / timm model / missing store before any worker starts, ``precision`` chosen for the
@@ -79,8 +81,9 @@ class ScratchpathCLI(LightningCLI):
                 "description": (
                     "Pretrain a backbone from scratch with a self-supervised objective. "
                     "Start from a recipe (--config recipes/<name>.yaml) and override any field "
-                    "on the command line (--trainer.max_steps 100) or in the environment "
-                    f"({ENV_PREFIX}_TRAINER__MAX_STEPS=100). Methods: "
+                    "on the command line (--trainer.max_steps 100); fields the recipe leaves out "
+                    f"may come from the environment ({ENV_PREFIX}_DATA__STORES='[/data/a]'). "
+                    "Methods: "
                     + ", ".join(f"--model {name}" for name in sorted(OBJECTIVES))
                     + ". Resume with --ckpt_path last."
                 ),
@@ -138,7 +141,7 @@ class ScratchpathCLI(LightningCLI):
         if not checkpoints:
             extra.append(default_model_checkpoint(root, online[0] if online else None))
         if not any(isinstance(c, Throughput) for c in callbacks):
-            extra.append(Throughput(log_every_n_steps=self.config.trainer.log_every_n_steps or 50))
+            extra.append(Throughput(window=self.config.trainer.log_every_n_steps or 50))
         if not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
             extra.append(PreemptionCheckpoint())
         return extra
@@ -224,6 +227,10 @@ def _one_line(message: str, argv: list[str]) -> str:
             f"model: unknown method{f' {requested!r}' if requested else ''}; use one of "
             f"{methods} or the class_path of an SSLObjective subclass"
         )
+    if head.startswith("the following arguments are required:"):
+        keys = [k.strip() for k in head.split(":", 1)[1].split(",")]
+        env = ", ".join(f"{ENV_PREFIX}_{k.upper().replace('.', '__')}" for k in keys)
+        return f"{', '.join(keys)}: required; set it in the recipe, on the command line or in {env}"
     if head.startswith("Parser key") and len(lines) > 1:
         key = head.split('"')[1] if '"' in head else head
         return f"{key}: {lines[1]}"

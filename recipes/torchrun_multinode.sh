@@ -1,0 +1,45 @@
+#!/bin/bash
+# Multi-node SSL pretraining with torchrun (clusters without SLURM: Kubernetes, plain VMs).
+#
+# What it does: torchrun starts one process per GPU on this node and rendezvouses with the
+#   other nodes at $MASTER_ADDR:$MASTER_PORT; Lightning picks up torchrun's environment
+#   (RANK, LOCAL_RANK, WORLD_SIZE, ...) and trains the recipe with DDP. Run this same script on
+#   every node with its own NODE_RANK. On SIGTERM (spot/preemptible VMs, pod eviction) every
+#   rank stops at the end of the running batch after writing <run>/checkpoints/last.ckpt
+#   (atomically); start the script again and it resumes from it (--ckpt_path last; a fresh run
+#   starts from scratch when no checkpoint exists yet). With --max-restarts, torchrun itself
+#   restarts failed workers, which resume the same way.
+# Hardware: NNODES nodes x NPROC_PER_NODE GPUs.
+# How to run (from the repository root, on each node):
+#   export MASTER_ADDR=node0.cluster MASTER_PORT=29500 NNODES=2 NODE_RANK=0   # 1 on node 2
+#   RECIPE=recipes/mae_vitb16.yaml STORES='[/data/stores/tcga]' recipes/torchrun_multinode.sh
+#   Extra `scratchpath fit` arguments go at the end: recipes/torchrun_multinode.sh --data.batch_size 128
+# Single node: NNODES=1 (MASTER_ADDR defaults to localhost), or simply
+#   `scratchpath fit --config RECIPE` (Lightning launches the 8 processes itself).
+
+set -euo pipefail
+
+RECIPE=${RECIPE:-recipes/dino_vits16.yaml}
+STORES=${STORES:?set STORES to a list of patch stores, e.g. STORES='[/data/stores/a]'}
+RUN_DIR=${RUN_DIR:-runs/$(basename "$RECIPE" .yaml)}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+NPROC_PER_NODE=${NPROC_PER_NODE:-8}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+exec torchrun \
+    --nnodes "$NNODES" \
+    --node-rank "$NODE_RANK" \
+    --nproc-per-node "$NPROC_PER_NODE" \
+    --master-addr "$MASTER_ADDR" \
+    --master-port "$MASTER_PORT" \
+    --max-restarts 3 \
+    -m scratchpath fit \
+    --config "$RECIPE" \
+    --data.stores "$STORES" \
+    --trainer.default_root_dir "$RUN_DIR" \
+    --trainer.num_nodes "$NNODES" \
+    --trainer.devices "$NPROC_PER_NODE" \
+    --ckpt_path last \
+    "$@"
