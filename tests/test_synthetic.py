@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pytest
 
-from scratchpath import synthetic
 from scratchpath.slides import open_slide
 from scratchpath.synthetic import (
     TISSUE_TYPES,
@@ -19,6 +18,7 @@ from scratchpath.synthetic import (
     write_slide,
     write_tile_set,
 )
+from scratchpath.synthetic import tiff as synthetic_tiff
 from scratchpath.tissue import tissue_mask
 
 WIDTH, HEIGHT = 1300, 900  # odd pyramid sizes on purpose (650x450, 325x225)
@@ -190,7 +190,9 @@ def test_large_slide_is_streamed_tile_row_by_tile_row(tmp_path, monkeypatch):
     full_image = size * size * 3
     # A few tile rows (8192x256 px = 6 MiB each) are alive at once, never the image.
     assert peak < full_image / 6, f"peak {peak / 2**20:.0f} MiB"
-    assert max(h for _, h in calls) <= 256 and max(w for w, _ in calls) <= synthetic._BLOCK_WIDTH
+    assert (
+        max(h for _, h in calls) <= 256 and max(w for w, _ in calls) <= synthetic_tiff._BLOCK_WIDTH
+    )
     with open_slide(path) as slide:
         assert (slide.levels[0].width, slide.levels[0].height) == (size, size)
         region = slide.read_region(0, 5000, 7000, 64, 64)

@@ -79,6 +79,23 @@ def test_slide_thumbnails_separate_tissue_from_glass(slides_dir: Path) -> None:
     assert max(c.mean() for c in corners) < 0.01
 
 
+@pytest.mark.parametrize(
+    ("name", "assume_mpp"),
+    [("CMU-1-Small-Region.svs", None), ("TCGA-CR-7395-01A-01-TS1.svs", 0.5)],
+)
+@pytest.mark.parametrize("size", [1024, 2048])
+def test_pen_free_slides_have_almost_no_pen(
+    slides_dir: Path, name: str, assume_mpp: float | None, size: int
+) -> None:
+    # Neither slide has pen marks; their dense purple rims, eosin-dark edges and blue-green
+    # fringed loose fibres (CMU-1, upper right) must stay tissue.
+    with open_slide(slides_dir / name, assume_mpp=assume_mpp) as slide:
+        thumb, _ = slide.thumbnail(size)
+    pen = pen_mask(thumb)
+    assert pen.mean() < 0.005
+    assert tissue_mask(thumb, pen).mean() > 0.2  # the tissue is still found
+
+
 def test_tissue_fraction_counts_the_box_and_treats_outside_as_glass() -> None:
     mask = np.zeros((10, 20), dtype=bool)
     mask[:, :10] = True
