@@ -15,7 +15,6 @@ which refuses anything but tensors and plain containers); loading an export neve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -34,6 +33,7 @@ from torch import nn
 from scratchpath import __version__
 from scratchpath.backbones import create_backbone
 from scratchpath.errors import ScratchpathError
+from scratchpath.files import file_sha256
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -179,7 +179,7 @@ def build_config(
         "git_sha": meta.get("git_sha"),
         "checkpoint_version": meta.get("version"),
         "scratchpath_version": __version__,
-        "source_checkpoint": {"name": source.name, "sha256": _sha256(source)},
+        "source_checkpoint": {"name": source.name, "sha256": file_sha256(source)},
         "pretrained_cfg": {
             "architecture": arch,
             "tag": "scratchpath",
@@ -193,14 +193,6 @@ def build_config(
             "description": f"{meta.get('objective')} pretrained from scratch on H&E (scratchpath)",
         },
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_checkpoint(

@@ -11,7 +11,6 @@ run resumes where it stopped and never duplicates tiles.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from scratchpath.errors import ScratchpathError
+from scratchpath.files import atomic_write, file_sha256
 from scratchpath.slides import (
     Slide,
     is_slide_file,
@@ -115,14 +115,6 @@ def select_shard(paths: Sequence[Path], shard: tuple[int, int] | None) -> list[P
         raise ScratchpathError(f"shard: expected I/N with 0 <= I < N, got {index}/{count}")
     ordered = sorted(paths, key=lambda p: str(p))
     return [p for k, p in enumerate(ordered) if k % count == index]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 * 2**20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tile_grid(slide: Slide, options: TilingOptions) -> tuple[int, int, float, np.ndarray]:
@@ -238,9 +230,8 @@ class _Inline:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def ingest(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +152,8 @@ def draw_grid(tiles: np.ndarray, rows: list[list[np.ndarray]]) -> np.ndarray:
 def _save_png(image: np.ndarray, out: Path) -> None:
     from PIL import Image
 
+    from scratchpath.files import atomic_write
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_write(out) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -9,8 +9,6 @@ per class, e.g. LC25000's pinker benign tiles, that any probe can exploit).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from scratchpath.augment import HE_MEAN, HE_STD
 from scratchpath.backbones import create_backbone
 from scratchpath.errors import ScratchpathError
 from scratchpath.export import load_backbone, load_config
+from scratchpath.files import atomic_write
 from scratchpath.finetune.plots import plot_confusion_matrices, plot_embedding
 from scratchpath.finetune.probes import (
     classification_metrics,
@@ -271,12 +270,8 @@ def _random_twin(info: dict[str, Any], *, seed: int) -> nn.Module:
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-    with os.fdopen(fd, "w") as f:
-        json.dump(content, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def format_table(metrics: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from types import TracebackType
 import numpy as np
 
 from scratchpath.errors import ScratchpathError
+from scratchpath.files import atomic_write
 from scratchpath.store import layout
 from scratchpath.store.codecs import TileCodec, register_zarr_codecs
 
@@ -24,16 +25,12 @@ _REQUIRED_RECORD = ("source", "slide_id", "sha256")
 
 
 def _write_atomic(path: Path, data: bytes | None = None, arrays: dict | None = None) -> None:
-    """Write to ``path`` via a temp file + fsync + os.replace, so readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    """Write bytes or an ``.npz`` of ``arrays`` to ``path``; readers see all or nothing."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         if arrays is not None:
             np.savez(f, **arrays)
         else:
             f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

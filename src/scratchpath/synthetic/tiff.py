@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from scratchpath.files import atomic_write
 from scratchpath.synthetic.render import TISSUE_TYPES, SyntheticSlide
 
 _TILE = 256
@@ -213,10 +214,8 @@ def write_tile_set(
                 rows.append({"path": rel, "label": name, "group": group, "x": x, "y": y,
                              "seed": group_seed, "mpp": mpp})  # fmt: skip
     labels = out / "labels.csv"
-    tmp = labels.with_suffix(".csv.partial")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(labels) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, labels)
     return labels
