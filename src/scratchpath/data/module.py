@@ -20,6 +20,7 @@ sees exactly the batches an uninterrupted run would have seen next.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 import lightning as L
@@ -230,19 +231,24 @@ class PatchDataModule(L.LightningDataModule):
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint records about its training data (see docs/architecture.md)."""
+        return {
+            "mpp": self.store.mpp,
+            "tile_size": self.store.tile_size,
+            "mean": tuple(self.views.mean),
+            "std": tuple(self.views.std),
+            "stores": [dict(entry) for entry in self._store_entries],
+        }
+
+    @cached_property
+    def _store_entries(self) -> list[dict[str, Any]]:
+        # Stores are read-only during training: hash each once, not at every checkpoint.
         entries = []
         for path in self.stores:
             single = PatchStore(path)
             entries.append(
                 {"path": path, "fingerprint": single.fingerprint, "n_tiles": len(single)}
             )
-        return {
-            "mpp": self.store.mpp,
-            "tile_size": self.store.tile_size,
-            "mean": tuple(self.views.mean),
-            "std": tuple(self.views.std),
-            "stores": entries,
-        }
+        return entries
 
     def _plan_key(self, world_size: int) -> dict[str, Any]:
         hp = self.hparams
