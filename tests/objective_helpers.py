@@ -5,6 +5,8 @@ Not a test module (no ``test_`` prefix); imported by ``tests/test_<objective>.py
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -19,13 +21,21 @@ TILES = "deeptexture_examples_unlabeled_256/unlabeled"
 TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
+@contextmanager
+def one_thread() -> Iterator[None]:
     """Tiny models run faster on one thread than on two contended ones; restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    with one_thread():
+        yield
 
 
 def real_views(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from objective_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
+from objective_helpers import one_thread, one_torch_thread  # noqa: F401  (autouse fixture)
 from scratchpath.backbones import create_backbone
 from scratchpath.cli import main
 from scratchpath.cli.eval import parse_kwargs
@@ -40,14 +40,12 @@ def lung_report(lung_store, tmp_path_factory) -> tuple[Path, str]:
     """One grouped-split evaluation of a random-init tiny ViT, shared by the checks below."""
     out = tmp_path_factory.mktemp("eval") / "report"
     capture = tmp_path_factory.mktemp("stdout") / "out.txt"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module-scoped: the autouse one-thread fixture is not active yet
-    with open(capture, "w") as f, contextlib.redirect_stdout(f):
+    # module-scoped: the autouse one-thread fixture is not active yet
+    with one_thread(), open(capture, "w") as f, contextlib.redirect_stdout(f):
         code = main(
             ["eval", "--model", *RANDOM_VIT, "--data", str(lung_store), "--split", "0.3",
              "--group-column", "group", "--linear-epochs", "50", "--out", str(out)]
         )  # fmt: skip
-    torch.set_num_threads(threads)
     assert code == 0
     return out, capture.read_text()
 

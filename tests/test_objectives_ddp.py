@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from objective_helpers import one_torch_thread, real_views  # noqa: F401
+from objective_helpers import one_thread, one_torch_thread, real_views  # noqa: F401
 from scratchpath.objectives import DINO, MoCoV3, SimCLR
 from scratchpath.objectives.base import SSLObjective
 
@@ -91,15 +91,11 @@ def ddp_and_single(tiles_dir, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ddp")
     mp.spawn(worker, args=(tiles_dir, out_dir / "init", out_dir), nprocs=WORLD_SIZE, join=True)
     ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         single = {
             name: run_step(name, global_views(tiles_dir, name), distributed=False)
             for name in ("simclr", "mocov3", "dino")
         }
-    finally:
-        torch.set_num_threads(threads)
     return ranks, single
 
 
