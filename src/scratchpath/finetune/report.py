@@ -120,13 +120,14 @@ def resolve_model(
         raise ScratchpathError("--model-kwargs: only for random:NAME models (exports fix them)")
     config = load_config(spec)
     model = load_backbone(spec)
+    preprocessing = config["pretrained_cfg"]
     return model, {
         "architecture": config["architecture"],
-        "model_kwargs": config.get("model_kwargs") or {},
-        "mean": list(config["mean"]),
-        "std": list(config["std"]),
-        "input_size": _side(config.get("input_size")),
-        "mpp": config.get("mpp"),
+        "model_kwargs": config["model_args"],
+        "mean": list(preprocessing["mean"]),
+        "std": list(preprocessing["std"]),
+        "input_size": _side(preprocessing.get("input_size")),
+        "mpp": config["scratchpath"].get("mpp"),
     }
 
 
