@@ -6,6 +6,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import numpy as np
@@ -412,7 +413,7 @@ def test_every_objective_checkpoint_exports_its_backbone(name, tmp_path, real_ti
 class FakeHub:
     """Stands for huggingface_hub.HfApi: records what would be uploaded (no network)."""
 
-    calls: list = []
+    calls: ClassVar[list] = []
 
     def __init__(self, token=None, **kwargs) -> None:
         self.token = token

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import signal
 import subprocess
@@ -284,3 +285,31 @@ def test_sigterm_saves_checkpoint_and_resume_continues_at_its_step(workdir: Path
     resumed = _losses(_metrics(workdir / "runs/smoke_mae", version=1))
     assert [step for step, _ in resumed] == [stopped_at, stopped_at + 1]
     assert torch.load(last, weights_only=True)["global_step"] == stopped_at + 2
+
+
+def test_progress_lines_show_step_total_loss_rate_and_time_left(workdir: Path) -> None:
+    stream = io.StringIO()
+    argv = ["--config", str(RECIPES / "smoke_mae.yaml"), "--trainer.max_steps", "4",
+            "--trainer.log_every_n_steps", "2"]  # fmt: skip
+    assert run_fit(argv, progress_stream=stream) == 0  # the recipe turns the bar off
+    lines = stream.getvalue().splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["step 2/4 (50%)", "step 4/4 (100%)"]
+    for line in lines:
+        fields = line.split("  ")
+        assert fields[1].startswith("loss ") and float(fields[1].split()[1]) > 0
+        assert fields[2].endswith(("steps/s", "s/step"))
+        assert fields[3].startswith("elapsed ") and fields[4].startswith("left ")
+    assert lines[-1].endswith("left 0:00")
+
+
+def test_progress_line_format() -> None:
+    from scratchpath.callbacks import ProgressLog
+
+    log = ProgressLog()
+    assert log.line(250, 1000, 1.23456, 125.0) == (
+        "step 250/1000 (25%)  loss 1.2346  2.00 steps/s  elapsed 2:05  left 6:15"
+    )
+    assert log.line(3, None, None, 30.0) == "step 3  10.00 s/step  elapsed 0:30"
+    assert log.line(10, 7200, 0.5, 3600.0).endswith(
+        "360.00 s/step  elapsed 1:00:00  left 719:00:00"
+    )

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import lightning as L
 import numpy as np
@@ -31,7 +31,13 @@ from torch import nn
 from scratchpath.errors import ScratchpathError
 from scratchpath.finetune import extract_features, knn_eval, linear_probe_eval, rankme
 
-__all__ = ["AtomicCheckpointIO", "OnlineEvaluation", "PreemptionCheckpoint", "Throughput"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "OnlineEvaluation",
+    "PreemptionCheckpoint",
+    "ProgressLog",
+    "Throughput",
+]
 
 
 class OnlineEvaluation(L.Callback):
@@ -257,6 +263,104 @@ class Throughput(L.Callback):
             **_memory_metrics(pl_module.device),
         }
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+
+
+class ProgressLog(L.Callback):
+    """One plain progress line every ``every_n_steps`` optimizer steps (and at least every
+    ``min_interval_s`` seconds), readable in a terminal, a log file or CI output alike::
+
+        step 25/50 (50%)  loss 7.8123  2.41 steps/s  elapsed 0:10  left 0:10
+
+    ``scratchpath fit`` adds it when the recipe turns Lightning's progress bar off (the smoke
+    recipes do). Rank zero only. Reads the loss once per printed line (one host sync every
+    ``every_n_steps`` steps, none in between); the rate is over the steps since training started
+    (or resumed), so ``left`` settles after the first lines.
+
+    Args:
+        every_n_steps: print every this many steps (None: the trainer's ``log_every_n_steps``,
+            coarsened so that a run of known length prints at most about 20 lines).
+        min_interval_s: also print when this long has passed since the last line, so slow steps
+            still show life; 0 disables it.
+        stream: where to write (default: ``sys.stderr`` at the time of each line).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        min_interval_s: float = 30.0,
+        stream: TextIO | None = None,
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ScratchpathError(f"every_n_steps: must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.min_interval_s = min_interval_s
+        self.stream = stream
+        self._start: float | None = None
+        self._start_step = 0
+        self._last_line = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._last_line = time.perf_counter()
+        self._start_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if not trainer.is_global_zero or self._start is None:
+            return
+        step, now = trainer.global_step, time.perf_counter()
+        total = _total_steps(trainer)
+        every = self.every_n_steps or _default_every(trainer, total)
+        due = step % every == 0 or step == total
+        late = self.min_interval_s > 0 and now - self._last_line >= self.min_interval_s
+        if step == self._start_step or not (due or late):
+            return
+        self._last_line = now
+        line = self.line(step, total, _loss_value(outputs), now - self._start)
+        print(line, file=self._out(), flush=True)
+
+    def line(self, step: int, total: int | None, loss: float | None, elapsed: float) -> str:
+        """The progress line for ``step`` of ``total`` after ``elapsed`` seconds."""
+        rate = (step - self._start_step) / elapsed if elapsed > 0 else 0.0
+        parts = [f"step {step}/{total} ({100 * step / total:.0f}%)" if total else f"step {step}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        parts.append(f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.2f} s/step")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if total and rate > 0:
+            parts.append(f"left {_clock((total - step) / rate)}")
+        return "  ".join(parts)
+
+    def _out(self) -> TextIO:
+        return self.stream if self.stream is not None else sys.stderr
+
+
+def _default_every(trainer: L.Trainer, total: int | None) -> int:
+    """``log_every_n_steps``, coarsened to at most ~20 lines over a run of known length."""
+    every = trainer.log_every_n_steps or 50
+    return max(every, -(-total // 20)) if total else every
+
+
+def _total_steps(trainer: L.Trainer) -> int | None:
+    """Optimizer steps the run will take (max_steps, else max_epochs x batches), None if open."""
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    try:
+        total = trainer.estimated_stepping_batches
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    return int(total) if total and total != float("inf") else None
+
+
+def _loss_value(outputs: Any) -> float | None:
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else None
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _memory_metrics(device: torch.device) -> dict[str, float]:
