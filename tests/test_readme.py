@@ -113,6 +113,7 @@ def first_hour(fresh_clone: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~15 CLI runs, each importing torch: minutes on 2 shared cores
 def test_every_readme_command_runs_in_order_on_a_fresh_clone(first_hour, fresh_clone):
     assert len(first_hour) >= 15
     assert (fresh_clone / "models" / "smoke_dino" / "model.safetensors").is_file()
@@ -135,6 +136,7 @@ def _strict(model: torch.nn.Module, folder: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @torch.no_grad()
 def test_every_python_snippet_runs_on_what_the_commands_made(
     first_hour, fresh_clone, monkeypatch: pytest.MonkeyPatch
