@@ -194,7 +194,11 @@ def build_config(
             "(scratchpath)"
         ),
         # PretrainedCfg has no µm/px field: notes is the free-text field timm keeps
-        "notes": [f"mpp={mpp}: feed tiles at {_mpp_text(mpp)} (the training magnification)"],
+        "notes": [
+            f"mpp={mpp}: feed tiles at {mpp} µm/px (the training magnification)"
+            if mpp is not None
+            else "mpp unknown: the training stores record no µm/px (tiles imported without it)"
+        ],
     }
     provenance = {
         "format": FORMAT_NAME,
@@ -327,6 +331,8 @@ def render_model_card(config: dict[str, Any]) -> str:
             f"`MODEL_NAME=timm/{arch} MODEL_EXTRA_KWARGS='{extra}'`"
         )
     objective = prov.get("objective")
+    sha = prov.get("git_sha")
+    commit = f"git commit `{sha}`" if sha else "an unrecorded git commit (not run from a checkout)"
     return f"""---
 library_name: timm
 pipeline_tag: image-feature-extraction
@@ -341,8 +347,7 @@ tags:
 A **{arch}** backbone ({config.get("num_features")}-d embeddings), trained from random \
 initialisation on H&E histopathology tiles only by self-supervised learning \
 (objective `{objective}`, {prov.get("weights")} weights, step {prov.get("global_step")}), \
-trained from git commit `{prov.get("git_sha")}` and exported with scratchpath \
-{prov.get("scratchpath_version")}.
+trained from {commit} and exported with scratchpath {prov.get("scratchpath_version")}.
 
 ## Input
 RGB tiles of {size}×{size} px at **{mpp_text}** (training tiles: {prov.get("tile_size")} px), \
