@@ -191,7 +191,7 @@ def test_model_card_explains_loading_with_every_client(exported):
     card = (exported / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: timm\n")  # Hub front matter
     for needle in ("load_backbone", "local-dir:", "checkpoint_path=", "AutoModel",
-                   "eva.vision.models.ModelFromRegistry", "MODEL_EXTRA_KWARGS"):  # fmt: skip
+                   "eva.vision.models.wrappers.TimmModel", "MODEL_EXTRA_KWARGS"):  # fmt: skip
         assert needle in card
     assert "0.5 µm/px" in card and "abc123" in card
 
