@@ -21,6 +21,7 @@ from scratchpath.callbacks import (
     Throughput,
 )
 from scratchpath.errors import ScratchpathError
+from scratchpath.finetune import split_store
 from scratchpath.store import PatchStore, import_tiles
 
 N_VIEWS = 3
@@ -78,6 +79,17 @@ def test_online_evaluation_split_keeps_groups_apart(lc25000_store: str) -> None:
     train_groups = set(groups[callback._sides["train"][1]])
     test_groups = set(groups[callback._sides["test"][1]])
     assert train_groups and test_groups and not train_groups & test_groups
+
+
+def test_online_evaluation_splits_as_scratchpath_eval_does(lc25000_store: str) -> None:
+    # one split function for online and offline figures: grouped and class-stratified
+    callback = OnlineEvaluation(lc25000_store, test_fraction=0.4, max_tiles=None, seed=3)
+    callback.setup(L.Trainer(logger=False), _TinyBackbones(), "fit")
+    train, test = split_store(PatchStore(lc25000_store), test_fraction=0.4, seed=3)
+    np.testing.assert_array_equal(callback._sides["train"][1], train)
+    np.testing.assert_array_equal(callback._sides["test"][1], test)
+    test_counts = np.bincount(np.asarray(PatchStore(lc25000_store).labels)[test], minlength=3)
+    assert (test_counts >= 10).all()  # stratified: every class on the test side
 
 
 def test_online_evaluation_reports_accuracy_and_rank_of_random_backbone(lc25000_store: str) -> None:

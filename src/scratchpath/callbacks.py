@@ -29,7 +29,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from scratchpath.errors import ScratchpathError
-from scratchpath.finetune import extract_features, knn_eval, linear_probe_eval, rankme
+from scratchpath.finetune import (
+    extract_features,
+    grouped_split,
+    knn_eval,
+    linear_probe_eval,
+    rankme,
+)
 
 __all__ = ["AtomicCheckpointIO", "OnlineEvaluation", "PreemptionCheckpoint", "Throughput"]
 
@@ -48,8 +54,9 @@ class OnlineEvaluation(L.Callback):
     Args:
         train_store: labelled patch store for the probe's training side.
         test_store: labelled store to score on; if None, ``test_fraction`` of ``train_store`` is
-            held out, whole groups at a time when the store has groups (e.g. a slide or a
-            source image), so near-duplicate tiles never straddle the split.
+            held out by :func:`~scratchpath.finetune.grouped_split` (whole groups at a time, e.g.
+            a slide or a source image, stratified by class; the split ``scratchpath eval``
+            makes with the same seed), so near-duplicate tiles never straddle the split.
         test_fraction: held-out fraction when ``test_store`` is None.
         every_n_steps: evaluate when ``global_step`` is a multiple of this (and at the last step).
         k: neighbours of the kNN vote.
@@ -57,7 +64,8 @@ class OnlineEvaluation(L.Callback):
         linear_epochs: epochs of the linear probe on cached features.
         max_tiles: cap on the tiles used per side (a seeded, class-stratified-by-chance sample).
         input_size: resize tiles to this side before the backbone (None: the ``img_size`` of a
-            ViT backbone when it has a fixed one, else the tiles as stored).
+            ViT backbone when it has a fixed one, else the side of the training views, else
+            the tiles as stored).
         which: ``"teacher"`` probes the EMA teacher when the objective has one, else the
             online backbone; ``"student"`` always the online backbone.
         batch_size: tiles per forward pass.
@@ -107,7 +115,12 @@ class OnlineEvaluation(L.Callback):
         rng = np.random.default_rng(self.seed)
         train = _labelled_store(PatchStore(self.train_store), "train_store")
         if self.test_store is None:
-            train_idx, test_idx = _group_split(train, self.test_fraction, rng)
+            # the split of `scratchpath eval --data` (grouped, class-stratified, same seed), so
+            # online and offline figures come from the same tiles
+            groups = train.tiles.get("group", np.full(len(train), ""))
+            train_idx, test_idx = grouped_split(
+                np.asarray(train.labels), groups, test_fraction=self.test_fraction, seed=self.seed
+            )
             test = train
         else:
             test = _labelled_store(PatchStore(self.test_store), "test_store")
@@ -136,7 +149,7 @@ class OnlineEvaluation(L.Callback):
             self.setup(trainer, pl_module, "fit")
         backbone = _probe_backbone(pl_module, self.which)
         mean, std = _normalisation(trainer)
-        input_size = self.input_size or _fixed_input_size(backbone)
+        input_size = self.input_size or _fixed_input_size(backbone) or _training_input_size(trainer)
         features = {}
         with trainer.precision_plugin.forward_context():
             for name, (store, idx, _) in self._sides.items():
@@ -168,19 +181,6 @@ def _labelled_store(store: Any, field: str) -> Any:
     return store
 
 
-def _group_split(
-    store: Any, test_fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out ``test_fraction`` of the tiles, by whole group when the store has groups."""
-    groups = np.asarray(store.tiles.get("group", np.full(len(store), "")), dtype=str)
-    if (groups == "").all():
-        groups = np.arange(len(store)).astype(str)
-    unique = rng.permutation(np.unique(groups))
-    held_out = unique[: max(1, round(test_fraction * len(unique)))]
-    is_test = np.isin(groups, held_out)
-    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
-
-
 def _probe_backbone(pl_module: L.LightningModule, which: str) -> nn.Module:
     teacher = getattr(pl_module, "teacher_backbone", None)
     if which == "teacher" and isinstance(teacher, nn.Module):
@@ -196,6 +196,12 @@ def _normalisation(trainer: L.Trainer) -> tuple[tuple[float, ...], tuple[float, 
     from scratchpath.augment import HE_MEAN, HE_STD
 
     return tuple(HE_MEAN), tuple(HE_STD)
+
+
+def _training_input_size(trainer: L.Trainer) -> int | None:
+    """The side of the training views (what a CNN trained at), as ``scratchpath eval`` uses."""
+    views = getattr(trainer.datamodule, "views", None)
+    return getattr(views, "input_size", None)
 
 
 def _fixed_input_size(backbone: nn.Module) -> int | None:
