@@ -204,7 +204,8 @@ def test_killed_run_resumes_to_the_same_store_as_a_clean_run(
                "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (out / "run.json").exists():  # written after each slide
+    log = out / "run.log.jsonl"  # one line per slide, appended after its commit
+    while not (log.exists() and log.read_text().count('"status"') >= 2):  # run line + a slide
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline
         time.sleep(0.02)

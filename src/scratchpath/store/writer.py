@@ -94,7 +94,7 @@ class StoreWriter:
         slides = self._table.table.slides
         self._complete = {s["sha256"] for s in slides if s["status"] == "ok"}
         self._complete |= {s["fast_id"] for s in slides if s["status"] == "ok" and "fast_id" in s}
-        self._failed = {(s["sha256"], s["reason"]) for s in slides}
+        self._failed = {(_identity(s), s["reason"]) for s in slides}
         self._next_row = self._ceil_shard(self._table.table.end_row)
         self._active: SlideWriter | None = None
         self._array = None  # the zarr array, opened at the first commit
@@ -238,7 +238,7 @@ class StoreWriter:
 
     def record_failure(self, record: dict, reason: str) -> None:
         """Add a slide with status "failed" and ``reason`` to the slide table (no tiles)."""
-        if (record.get("sha256"), reason) in self._failed:
+        if (_identity(record), str(reason)) in self._failed:
             return  # the same failure seen again on resume
         slide = {**_slide_defaults(record), "status": "failed", "reason": str(reason)}
         slide.update(n_tiles=0, row_start=self._table.table.end_row)
@@ -278,7 +278,7 @@ class StoreWriter:
         columns["group"], new_groups = self._table.group_codes(groups)
         self._grow_array(max(self._table.table.end_row, slide["row_start"] + slide["n_tiles"]))
         self._table.append(slide, columns, new_groups)
-        self._failed.add((slide["sha256"], slide["reason"]))
+        self._failed.add((_identity(slide), slide["reason"]))
         if slide["status"] == "ok":
             self._complete.add(slide["sha256"])
             if "fast_id" in slide:
@@ -358,6 +358,13 @@ class SlideWriter:
         self._shards_written.append(shard)
         self._blobs = []
 
+    def update_record(self, **fields: object) -> None:
+        """Change fields of the slide record before the commit (e.g. a hash computed while the
+        tiles were read)."""
+        if self._done:
+            raise RuntimeError("slide already committed or aborted")
+        self._record.update(fields)
+
     def commit(self) -> None:
         """Make the slide and all its tiles visible, atomically."""
         if self._done:
@@ -404,6 +411,12 @@ _SLIDE_COLUMNS: dict[str, tuple[np.dtype, object]] = {
     **{k: v for k, v in tbl.TABLE_DTYPES.items() if k not in ("slide_index", "group")},
     "group": (np.dtype(str), ""),
 }
+
+
+def _identity(record: dict) -> str:
+    """What identifies a slide's source for de-duplicating failures: the fast identity when
+    ingest recorded one (failed slides are never fully hashed), else the sha256."""
+    return str(record.get("fast_id") or record.get("sha256") or "")
 
 
 def _slide_defaults(record: dict) -> dict:
