@@ -251,3 +251,13 @@ def test_blocked_permutation_is_a_disjoint_deterministic_split(monkeypatch):
     # Mixing: a batch of 32 draws from ~28 of the 206 slides (a uniform shuffle: ~29.7).
     slides_per_batch = [len(np.unique(table.tiles["slide_index"][b])) for b in shares[0]]
     assert np.mean(slides_per_batch) > 26
+
+
+def test_shard_starts_match_the_chunk_ids(tmp_path, real_tiles):
+    _write(tmp_path / "a.zarr", real_tiles[:19], slides=2)  # slides of 10 and 9 in shards of 8
+    _write(tmp_path / "b.zarr", real_tiles[:5], slides=1)
+    both = PatchStore(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    chunks = both.chunk_ids
+    expected = np.flatnonzero(np.r_[True, chunks[1:] != chunks[:-1]])
+    np.testing.assert_array_equal(both.shard_starts(), expected)
+    assert expected.tolist() == [0, 8, 10, 18, 19]

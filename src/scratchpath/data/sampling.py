@@ -303,6 +303,8 @@ class DistributedBatchSampler(DistributedSampler):
         max_tiles_per_slide: at most this many tiles per slide per epoch (None: all).
         min_tissue: tiles with a smaller tissue fraction are never sampled.
         drop_last: drop the tiles that do not fill a step of all ranks (True) or pad by repeating.
+        shard_starts: the first tile index of each shard (``PatchStore.shard_starts()``), an
+            O(shards) alternative to ``chunk_ids`` for shard mode.
     """
 
     def __init__(
@@ -310,7 +312,7 @@ class DistributedBatchSampler(DistributedSampler):
         *,
         slide_key: np.ndarray,
         tissue_fraction: np.ndarray,
-        chunk_ids: np.ndarray | None,
+        chunk_ids: np.ndarray | None = None,
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
@@ -320,6 +322,7 @@ class DistributedBatchSampler(DistributedSampler):
         max_tiles_per_slide: int | None = None,
         min_tissue: float = 0.0,
         drop_last: bool = True,
+        shard_starts: np.ndarray | None = None,
     ) -> None:
         _check_arguments(batch_size, rank, world_size, shuffle, shuffle_buffer, max_tiles_per_slide)
         self.slide_key = slide_key
@@ -330,9 +333,13 @@ class DistributedBatchSampler(DistributedSampler):
         self._runs = (
             slide_runs(self.pool, slide_key) if max_tiles_per_slide is not None else None
         )
-        self._shard_first_tile = (
-            _shard_first_tiles(_required(chunk_ids)) if shuffle == "shard" else None
-        )
+        self._shard_first_tile = None
+        if shuffle == "shard":
+            self._shard_first_tile = (
+                np.asarray(shard_starts, np.int64)
+                if shard_starts is not None
+                else _shard_first_tiles(_required(chunk_ids))
+            )
         self.batch_size = batch_size
         # The attribute names of torch's DistributedSampler, for code that inspects samplers.
         self.num_replicas = world_size
@@ -354,11 +361,15 @@ class DistributedBatchSampler(DistributedSampler):
     @classmethod
     def from_store(cls, store: Any, **kwargs: Any) -> DistributedBatchSampler:
         """Plan over a :class:`~scratchpath.store.PatchStore` (or anything with its tile table)."""
+        shard_mode = kwargs.get("shuffle", "tile") == "shard"
         return cls(
             slide_key=store.tiles["slide_index"],
             tissue_fraction=store.tiles["tissue_fraction"],
-            # Shard ids are an O(tiles) array computed on first use: only shard mode needs them.
-            chunk_ids=store.chunk_ids if kwargs.get("shuffle", "tile") == "shard" else None,
+            # Shard mode needs where each shard starts: O(shards) from a PatchStore, else derived
+            # from the per-tile chunk ids.
+            chunk_ids=None if hasattr(store, "shard_starts") else store.chunk_ids,
+            shard_starts=store.shard_starts() if shard_mode and hasattr(store, "shard_starts")
+            else None,
             **kwargs,
         )
 

@@ -333,6 +333,16 @@ class PatchStore:
         row += np.repeat(first_shard[self._slide_store], self._slide_n_tiles)
         return row
 
+    def shard_starts(self) -> np.ndarray:
+        """The first tile index of every shard, ascending: O(shards), no per-tile array (a
+        slide always starts a fresh shard, so its shards start every ``shard_size`` tiles)."""
+        shard_size = np.array([s.shard_size for s in self._stores], np.int64)[self._slide_store]
+        per_slide = -(-self._slide_n_tiles // shard_size)
+        first = np.repeat(self._slide_tile_start, per_slide)
+        ordinal = np.arange(int(per_slide.sum())) - np.repeat(np.cumsum(per_slide) - per_slide,
+                                                               per_slide)  # fmt: skip
+        return first + ordinal * np.repeat(shard_size, per_slide)
+
     @cached_property
     def fingerprint(self) -> str:
         """Stable content hash: codec, tile size, class names, slide records and the hash of
