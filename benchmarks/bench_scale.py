@@ -48,10 +48,11 @@ def _slide_sizes(n: int) -> np.ndarray:
 
 def _records(sizes: np.ndarray) -> list[dict]:
     rows = np.concatenate([[0], np.cumsum(-(-sizes // SHARD) * SHARD)[:-1]])
+    pairs = enumerate(zip(sizes.tolist(), rows.tolist(), strict=True))
     return [{"source": f"s{k}.svs", "slide_id": f"s{k}", "sha256": f"{k:064x}", "bytes": 1,
              "vendor": "aperio", "width": 1, "height": 1, "mpp": 0.25, "status": "ok",
              "reason": "", "n_tiles": int(n), "row_start": int(r), "slide_index": k}
-            for k, (n, r) in enumerate(zip(sizes.tolist(), rows.tolist(), strict=True))]  # fmt: skip
+            for k, (n, r) in pairs]  # fmt: skip
 
 
 def _group_attrs(path: Path, version: int, codec: str) -> None:
@@ -275,8 +276,10 @@ def main() -> None:
                       f"less), open {o['open_s']:.2f} -> {w['open_s']:.2f} s, plan "
                       f"{o['plan_s']:.2f} -> {w['plan_s']:.3f} s")  # fmt: skip
     ratio = ingest["new"]["late_s"] / ingest["new"]["first_s"]
-    print(f"scale: {per_tile:.1f} bytes/tile, plan {plan:.2f} s at {top:.0e}, "
-          f"ingest slide 10000/1 = {ratio:.2f}")
+    print(
+        f"scale: {per_tile:.1f} bytes/tile, plan {plan:.2f} s at {top:.0e}, "
+        f"ingest slide 10000/1 = {ratio:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -40,9 +40,8 @@ def test_lc25000_imports_with_labels_and_groups(tmp_path, tiles_dir):
     assert store.class_names == ["lung_aca", "lung_n", "lung_scc"]
     assert np.bincount(store.labels).tolist() == [243, 249, 248]
     expected = [(r["label"], r["lc25000clean_group_id"]) for r in rows]
-    got = [
-        (store.class_names[k], g) for k, g in zip(store.labels, store.tile_column("group"), strict=True)
-    ]
+    groups = store.tile_column("group")
+    got = [(store.class_names[k], g) for k, g in zip(store.labels, groups, strict=True)]
     assert got == expected
     assert store.mpp is None  # no --mpp given: unknown
     first = np.asarray(Image.open(source / rows[0]["path"]).convert("RGB"))

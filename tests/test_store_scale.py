@@ -123,9 +123,11 @@ def test_format_1_store_opens_reads_and_migrates_on_append(tmp_path, real_tiles)
     assert old.fingerprint == fingerprint and old.group_names == ["", "g0", "g1"]
     with pytest.raises(ScratchpathError, match="codec is 'jpeg:90:420' in the store"):
         StoreWriter(path, tile_size=TILE)  # the default 4:4:4 would mix codecs in one store
-    with StoreWriter(path, tile_size=TILE, codec="jpeg:90:420", shard_size=8) as writer:
-        with writer.begin_slide({"source": "c", "slide_id": "c", "sha256": "c"}) as slide:
-            slide.add(real_tiles[16:20], group="g9")
+    with (
+        StoreWriter(path, tile_size=TILE, codec="jpeg:90:420", shard_size=8) as writer,
+        writer.begin_slide({"source": "c", "slide_id": "c", "sha256": "c"}) as slide,
+    ):
+        slide.add(real_tiles[16:20], group="g9")
     migrated = PatchStore(path)
     assert migrated.format_version == layout.STORE_FORMAT_VERSION and len(migrated) == 20
     assert not list((path / "tables").glob("seg-*.npz"))
@@ -160,9 +162,11 @@ def test_merged_table_is_cached_once_and_shared(tmp_path, real_tiles, monkeypatc
     assert cached.fingerprint == in_memory.fingerprint
     again = PatchStore(*paths)  # a second process finds the cache: nothing rebuilt
     assert again.tiles["x"].filename == cached.tiles["x"].filename
-    with StoreWriter(paths[2], tile_size=TILE, codec="zstd") as writer:  # new content, new key
-        with writer.begin_slide({"source": "d", "slide_id": "d", "sha256": "d"}) as slide:
-            slide.add(real_tiles[:2])
+    with (
+        StoreWriter(paths[2], tile_size=TILE, codec="zstd") as writer,  # new content, new key
+        writer.begin_slide({"source": "d", "slide_id": "d", "sha256": "d"}) as slide,
+    ):
+        slide.add(real_tiles[:2])
     assert len(PatchStore(*paths)) == 26 and len(list((tmp_path / "cache").iterdir())) == 4
 
 
@@ -176,9 +180,11 @@ def test_killed_commit_tails_are_ignored_then_truncated(tmp_path, real_tiles):
         f.write(b'{"slide": {"slide_id": "tor')  # ... and half its line
     store = PatchStore(path)
     assert len(store) == 10 and len(store.slides) == 2
-    with StoreWriter(path, tile_size=TILE, codec="zstd") as writer:
-        with writer.begin_slide({"source": "c", "slide_id": "c", "sha256": "c"}) as slide:
-            slide.add(real_tiles[10:13], x=[1, 2, 3])
+    with (
+        StoreWriter(path, tile_size=TILE, codec="zstd") as writer,
+        writer.begin_slide({"source": "c", "slide_id": "c", "sha256": "c"}) as slide,
+    ):
+        slide.add(real_tiles[10:13], x=[1, 2, 3])
     store = PatchStore(path)
     assert len(store) == 13 and [s["slide_id"] for s in store.slides][-1] == "c"
     assert store.tiles["x"][-3:].tolist() == [1, 2, 3]

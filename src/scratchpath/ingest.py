@@ -2,14 +2,14 @@
 
 Per slide: take its fast identity (size, mtime and the sha256 of its first and last MiB: a
 rerun skips a committed slide on that alone, without reading it), open it, build a thumbnail
-and its tissue mask, lay a grid of non-overlapping tiles over the pyramid level at or just finer than the
-target µm/px, keep tiles whose tissue fraction reaches ``min_tissue``, read them, downsample with
-area averaging (skipped when the level is within 5 % of the target) and encode them with the
-store's codec. The full sha256 of the file is computed once, by a pool job that runs beside
-the slide's tile reads (not in a separate pass before them), and recorded with the slide.
-Planning and tile reading/encoding run in worker processes (``workers``); the main process
-alone writes, one slide at a time, and commits each slide atomically, so a killed run resumes
-where it stopped and never duplicates tiles.
+and its tissue mask, lay a grid of non-overlapping tiles over the pyramid level at or just
+finer than the target µm/px, keep tiles whose tissue fraction reaches ``min_tissue``, read
+them, downsample with area averaging (skipped when the level is within 5 % of the target) and
+encode them with the store's codec. The full sha256 of the file is computed once, by a pool
+job that runs beside the slide's tile reads (not in a separate pass before them), and recorded
+with the slide. Planning and tile reading/encoding run in worker processes (``workers``); the
+main process alone writes, one slide at a time, and commits each slide atomically, so a killed
+run resumes where it stopped and never duplicates tiles.
 
 Cost per slide is independent of how many slides came before: a commit writes only its own
 tiles' table bytes, and each slide's outcome is one line appended to ``<out>/run.log.jsonl``

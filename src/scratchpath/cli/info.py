@@ -24,6 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def summarise(store) -> dict:
     """The summary of a :class:`~scratchpath.store.PatchStore` as a JSON-ready dict."""
+
     def key(slide: dict) -> str:  # failed slides carry a fast identity but no full sha256
         return slide.get("fast_id") or slide["sha256"] or slide.get("source", "")
 

@@ -330,9 +330,7 @@ class DistributedBatchSampler(DistributedSampler):
         passing = np.asarray(tissue_fraction) >= min_tissue
         self.pool = AllTiles(len(passing)) if passing.all() else np.flatnonzero(passing)
         del passing
-        self._runs = (
-            slide_runs(self.pool, slide_key) if max_tiles_per_slide is not None else None
-        )
+        self._runs = slide_runs(self.pool, slide_key) if max_tiles_per_slide is not None else None
         self._shard_first_tile = None
         if shuffle == "shard":
             self._shard_first_tile = (
@@ -368,7 +366,8 @@ class DistributedBatchSampler(DistributedSampler):
             # Shard mode needs where each shard starts: O(shards) from a PatchStore, else derived
             # from the per-tile chunk ids.
             chunk_ids=None if hasattr(store, "shard_starts") else store.chunk_ids,
-            shard_starts=store.shard_starts() if shard_mode and hasattr(store, "shard_starts")
+            shard_starts=store.shard_starts()
+            if shard_mode and hasattr(store, "shard_starts")
             else None,
             **kwargs,
         )
@@ -427,8 +426,10 @@ class DistributedBatchSampler(DistributedSampler):
         """This rank's ``(len(self), batch_size)`` tile indices of ``epoch``."""
         if self._cached is None or self._cached[0] != epoch:
             n_batches = len(self)
-            split = np.stack([self.batch(epoch, i) for i in range(n_batches)]) if n_batches else (
-                np.zeros((0, self.batch_size), np.int64)
+            split = (
+                np.stack([self.batch(epoch, i) for i in range(n_batches)])
+                if n_batches
+                else (np.zeros((0, self.batch_size), np.int64))
             )
             self._cached = (epoch, split)
         return self._cached[1]

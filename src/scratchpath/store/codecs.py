@@ -67,7 +67,7 @@ class TileCodec:
         quality: int = 90,
         default_subsampling: str = DEFAULT_SUBSAMPLING,
     ) -> TileCodec:
-        """Build a codec from ``"jpeg"``, ``"jpeg:85"``, ``"jpeg:90:420"``, ``"zstd:9"``, ``"webp"``.
+        """A codec from ``"jpeg"``, ``"jpeg:85"``, ``"jpeg:90:420"``, ``"zstd:9"`` or ``"webp"``.
 
         ``default_subsampling`` is used when a JPEG spec gives none: ``"444"`` for what a user
         asks for, :data:`LEGACY_SUBSAMPLING` when reading the codec name of a format-1 store.

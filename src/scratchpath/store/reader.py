@@ -121,7 +121,7 @@ class _OneStore:
             self._load_indexes(missing)
         entries = np.empty((len(rows), 2), np.uint64)
         order = np.argsort(shards, kind="stable")
-        bounds = np.searchsorted(shards[order], unique + [unique[-1] + 1] if unique else [])
+        bounds = np.searchsorted(shards[order], [*unique, unique[-1] + 1] if unique else [])
         for k, shard in enumerate(unique):
             index = self._indexes[shard]
             self._indexes.move_to_end(shard)
@@ -278,7 +278,7 @@ class PatchStore:
         t = self.tile_size
         out = np.empty((len(rows), t, t, 3), np.uint8)
         for s, store in enumerate(self._stores):
-            where = np.flatnonzero(store_ids == s) if len(self._stores) > 1 else np.arange(len(rows))
+            where = np.flatnonzero(store_ids == s)
             if len(where):
                 store.decode_rows(rows[where], out, where)
         return out
@@ -297,7 +297,7 @@ class PatchStore:
         store_ids, rows = self._locate(indices)
         blobs: list[bytes] = [b""] * len(rows)
         for s, store in enumerate(self._stores):
-            where = np.flatnonzero(store_ids == s) if len(self._stores) > 1 else np.arange(len(rows))
+            where = np.flatnonzero(store_ids == s)
             if len(where):
                 for j, blob in zip(where.tolist(), store.read_blobs(rows[where]), strict=True):
                     blobs[j] = blob

@@ -141,7 +141,7 @@ def table_from_entries(
         groups.extend(e["table"]["new_groups"])
     n = sum(int(e["table"]["n_tiles"]) for e in entries)
     out = {}
-    for key, (dtype, _) in TABLE_DTYPES.items():
+    for key in TABLE_DTYPES:
         col = columns[key]
         if len(col) < n:
             raise ScratchpathError(
@@ -422,4 +422,3 @@ def _json_default(value: object) -> object:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"slide record field of type {type(value).__name__} is not JSON")
-
