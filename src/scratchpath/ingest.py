@@ -11,6 +11,12 @@ with the slide. Planning and tile reading/encoding run in worker processes (``wo
 main process alone writes, one slide at a time, and commits each slide atomically, so a killed
 run resumes where it stopped and never duplicates tiles.
 
+Several target µm/px (``mpp=(0.25, 0.5, 1, 2)``) are cut in the same pass over each slide: one
+open, one thumbnail and tissue mask, then one grid per µm/px (each read from its own nearest
+finer level, tissue-filtered on its own tile boxes), all committed with the slide. Every tile
+records its level-0 corner, so tiles of different µm/px are linked by slide and position. A
+µm/px finer than a slide's level 0 is left out for that slide (noted in its record).
+
 Cost per slide is independent of how many slides came before: a commit writes only its own
 tiles' table bytes, and each slide's outcome is one line appended to ``<out>/run.log.jsonl``
 (``<out>/run.json`` is written at the start and the end of a run).
@@ -27,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,12 +83,30 @@ def _set_complete(complete: frozenset[str]) -> None:
 
 @dataclass(frozen=True)
 class TilingOptions:
-    """How tiles are cut: target µm/px, tile edge (px), minimum tissue fraction, fallback µm/px."""
+    """How tiles are cut: target µm/px (one, or several cut in one pass), tile edge (px),
+    minimum tissue fraction, fallback µm/px."""
 
-    mpp: float = 0.5
+    mpp: float | tuple[float, ...] = 0.5
     tile_size: int = 224
     min_tissue: float = 0.5
     assume_mpp: float | None = None
+
+    @property
+    def mpps(self) -> tuple[float, ...]:
+        """The target µm/px as a tuple, in the order given."""
+        return tuple(self.mpp) if isinstance(self.mpp, (tuple, list)) else (float(self.mpp),)
+
+
+@dataclass
+class Grid:
+    """The tiles of one target µm/px of a slide: where they are read and which are kept."""
+
+    target_mpp: float
+    level: int
+    read_size: int  # square window read per tile, in level px
+    stored_mpp: float
+    xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # level-0 px
+    fractions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
 
 @dataclass
@@ -93,12 +117,12 @@ class SlidePlan:
     record: dict
     status: str = "planned"  # planned | skipped | failed
     reason: str = ""
-    level: int = 0
-    read_size: int = 0
-    stored_mpp: float = 0.0
-    xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # level-0 px
-    fractions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    grids: list[Grid] = field(default_factory=list)  # one per target µm/px the slide provides
     thumbnail_png: bytes = b""
+
+    @property
+    def n_tiles(self) -> int:
+        return sum(len(g.xy) for g in self.grids)
 
 
 @dataclass
@@ -167,10 +191,29 @@ def tile_grid(slide: Slide, options: TilingOptions) -> tuple[int, int, float, np
     return level.index, read_size, float(stored_mpp), xy
 
 
+def tile_grids(slide: Slide, options: TilingOptions) -> tuple[list[Grid], list[str]]:
+    """All-tile :class:`Grid` s of every target µm/px the slide can provide (not yet filtered
+    for tissue), and one reason per target it cannot (finer than its level 0)."""
+    grids, missing = [], []
+    for target in options.mpps:
+        try:
+            level, read_size, stored_mpp, xy = tile_grid(slide, replace(options, mpp=target))
+        except ScratchpathError as err:
+            if len(options.mpps) == 1:
+                raise
+            missing.append(str(err))
+            continue
+        grids.append(Grid(target, level, read_size, stored_mpp, xy))
+    if not grids:
+        raise ScratchpathError(missing[0])
+    return grids, missing
+
+
 def plan_slide(
     path: str, options: TilingOptions, complete: frozenset[str] | None = None
 ) -> SlidePlan:
-    """Identify, open and tile one slide (runs in a worker). Never raises for a bad slide.
+    """Identify, open and tile one slide at every target µm/px (runs in a worker). Never
+    raises for a bad slide.
 
     ``complete`` holds the fast identities of committed slides (default: the set the pool's
     initializer gave this worker); such a slide is skipped without being opened.
@@ -188,27 +231,34 @@ def plan_slide(
         with open_slide(p, assume_mpp=options.assume_mpp) as slide:
             record.update(slide_id=slide.slide_id, vendor=slide.vendor, mpp=slide.mpp)
             record.update(width=slide.levels[0].width, height=slide.levels[0].height)
-            plan.level, plan.read_size, plan.stored_mpp, xy = tile_grid(slide, options)
-            step = plan.read_size * slide.levels[plan.level].downsample
-            size = int(np.clip(MASK_PX_PER_TILE * max(record["width"], record["height"]) / step,
-                               THUMB_MIN, THUMB_MAX))  # fmt: skip
+            grids, missing = tile_grids(slide, options)
+            if missing:
+                record["mpp_not_cut"] = missing
+            steps = [g.read_size * slide.levels[g.level].downsample for g in grids]
+            # One mask for all µm/px, fine enough for the smallest tiles.
+            size = int(np.clip(MASK_PX_PER_TILE * max(record["width"], record["height"])
+                               / min(steps), THUMB_MIN, THUMB_MAX))  # fmt: skip
             thumb, scale = slide.thumbnail(size)
             pen = pen_mask(thumb)
             mask = tissue_mask(thumb, pen)
-            boxes = np.concatenate([xy, xy + step], axis=1) / scale
-            fractions = tissue_fractions(mask, boxes)
-            keep = fractions >= options.min_tissue
-            plan.xy, plan.fractions = xy[keep], fractions[keep]
-            plan.thumbnail_png = render_thumbnail(thumb, mask, pen, boxes[keep])
-        if len(xy) == 0:
+            n_grid, shown = 0, None
+            for grid, step in zip(grids, steps, strict=True):
+                n_grid += len(grid.xy)
+                boxes = np.concatenate([grid.xy, grid.xy + step], axis=1) / scale
+                fractions = tissue_fractions(mask, boxes)
+                keep = fractions >= options.min_tissue
+                grid.xy, grid.fractions = grid.xy[keep], fractions[keep]
+                shown = boxes[keep] if shown is None else shown  # outline the first µm/px
+            plan.grids = grids
+            plan.thumbnail_png = render_thumbnail(thumb, mask, pen, shown)
+        if n_grid == 0:
+            g = grids[0]
+            plan.status = "failed"
+            plan.reason = f"{path}: smaller than one tile ({g.read_size} px at level {g.level})"
+        elif plan.n_tiles == 0:
             plan.status = "failed"
             plan.reason = (
-                f"{path}: smaller than one tile ({plan.read_size} px at level {plan.level})"
-            )
-        elif len(plan.xy) == 0:
-            plan.status = "failed"
-            plan.reason = (
-                f"{path}: no tissue tiles (none of {len(xy)} tiles reaches "
+                f"{path}: no tissue tiles (none of {n_grid} tiles reaches "
                 f"min_tissue {options.min_tissue:g})"
             )
     except ScratchpathError as err:
@@ -279,7 +329,7 @@ def ingest(
     paths: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
-    mpp: float = 0.5,
+    mpp: float | Sequence[float] = 0.5,
     tile_size: int = 224,
     min_tissue: float = 0.5,
     workers: int = 1,
@@ -295,7 +345,8 @@ def ingest(
     Args:
         paths: slide files and/or directories (searched recursively for slide suffixes).
         out: store folder, created or appended to (tile_size and codec must match).
-        mpp: target µm per pixel of the stored tiles.
+        mpp: target µm per pixel of the stored tiles, or several (e.g. ``(0.25, 0.5, 1, 2)``),
+            all cut in one pass over each slide.
         tile_size: tile edge in pixels.
         min_tissue: keep tiles whose tissue fraction (from the thumbnail mask) is at least this.
         workers: processes that plan slides and read/encode tiles (1 = all in this process).
@@ -313,7 +364,8 @@ def ingest(
 
     from scratchpath.store import StoreWriter
 
-    if not mpp > 0:
+    mpps = tuple(dict.fromkeys(float(m) for m in np.atleast_1d(np.asarray(mpp, float))))
+    if not mpps or not all(m > 0 for m in mpps):
         raise ScratchpathError(f"mpp: must be positive, got {mpp}")
     if tile_size < 8:
         raise ScratchpathError(f"tile_size: must be at least 8, got {tile_size}")
@@ -324,7 +376,7 @@ def ingest(
     slides = select_shard(find_slides(paths), shard)
     if not slides:
         raise ScratchpathError(f"{', '.join(map(str, paths)) or 'paths'}: no slide files found")
-    options = TilingOptions(mpp, tile_size, min_tissue, assume_mpp)
+    options = TilingOptions(mpps[0] if len(mpps) == 1 else mpps, tile_size, min_tissue, assume_mpp)
     start = time.perf_counter()
     outcomes: list[dict] = []
     run_info = {
@@ -416,22 +468,28 @@ def _ingest_one(pool, writer, plan: SlidePlan, options, seen_ids: set, workers: 
     if plan.status == "failed":
         writer.record_failure({"sha256": "", **record}, plan.reason)
         return {**outcome, "status": "failed", "reason": plan.reason}
-    record.update(level=plan.level, tile_mpp=plan.stored_mpp, target_mpp=options.mpp)
-    n_chunks = -(-len(plan.xy) // CHUNK_TILES)
-    pending: deque[tuple[Future, int]] = deque()
+    levels = _per_grid(plan.grids, lambda g: g.level)
+    tile_mpps = _per_grid(plan.grids, lambda g: g.stored_mpp)
+    record.update(level=levels, tile_mpp=tile_mpps, target_mpp=options.mpp)
+    if len(plan.grids) > 1:
+        record["tiles_per_mpp"] = {f"{g.target_mpp:g}": len(g.xy) for g in plan.grids}
+    # (grid, first tile) of every chunk: all µm/px of the slide, one after the other.
+    chunks = [(g, first) for g in plan.grids for first in range(0, len(g.xy), CHUNK_TILES)]
+    pending: deque[tuple[Future, Grid, int]] = deque()
     submitted = 0
     # The one full read for the sha256, in the pool beside the tile reads.
     sha256 = pool.submit(file_sha256, plan.path)
     slide_writer = writer.begin_slide(record)
     try:
-        while submitted < n_chunks or pending:
-            while submitted < n_chunks and len(pending) < 2 * workers:
-                xy = plan.xy[submitted * CHUNK_TILES : (submitted + 1) * CHUNK_TILES]
-                job = (read_tiles, plan.path, options, plan.level, plan.read_size, xy, writer.codec)
-                pending.append((pool.submit(*job), submitted))
+        while submitted < len(chunks) or pending:
+            while submitted < len(chunks) and len(pending) < 2 * workers:
+                grid, first = chunks[submitted]
+                xy = grid.xy[first : first + CHUNK_TILES]
+                job = (read_tiles, plan.path, options, grid.level, grid.read_size, xy, writer.codec)
+                pending.append((pool.submit(*job), grid, first))
                 submitted += 1
-            future, k = pending.popleft()
-            _add_chunk(slide_writer, future.result(), k * CHUNK_TILES, plan)
+            future, grid, first = pending.popleft()
+            _add_chunk(slide_writer, future.result(), first, grid)
         record["sha256"] = sha256.result()
         if writer.is_complete(record["sha256"]):  # the same bytes under another name or time
             slide_writer.abort()
@@ -440,23 +498,29 @@ def _ingest_one(pool, writer, plan: SlidePlan, options, seen_ids: set, workers: 
         slide_writer.commit()
     except Exception as err:
         slide_writer.abort()
-        for future, _ in pending:
+        for future, _, _ in pending:
             future.cancel()
         reason = str(err) if isinstance(err, ScratchpathError) else f"{plan.path}: {err!r}"
         writer.record_failure(record, reason)
         return {**outcome, "status": "failed", "reason": reason}
-    return {**outcome, "status": "ok", "reason": "", "n_tiles": len(plan.xy),
-            "level": plan.level, "tile_mpp": plan.stored_mpp}  # fmt: skip
+    extra = {"tiles_per_mpp": record["tiles_per_mpp"]} if "tiles_per_mpp" in record else {}
+    return {**outcome, "status": "ok", "reason": "", "n_tiles": plan.n_tiles,
+            "level": levels, "tile_mpp": tile_mpps, **extra}  # fmt: skip
 
 
-def _add_chunk(slide_writer, blobs: list[bytes], first: int, plan: SlidePlan) -> None:
+def _per_grid(grids: list[Grid], value: Callable[[Grid], float]):
+    """One grid's value as is, several grids' as a list (the single-µm/px records unchanged)."""
+    return value(grids[0]) if len(grids) == 1 else [value(g) for g in grids]
+
+
+def _add_chunk(slide_writer, blobs: list[bytes], first: int, grid: Grid) -> None:
     n = len(blobs)
-    xy = plan.xy[first : first + n]
+    xy = grid.xy[first : first + n]
     slide_writer.add_encoded(
         blobs,
         x=xy[:, 0],
         y=xy[:, 1],
-        level=np.full(n, plan.level),
-        mpp=np.full(n, plan.stored_mpp),
-        tissue_fraction=plan.fractions[first : first + n],
+        level=np.full(n, grid.level),
+        mpp=np.full(n, grid.stored_mpp),
+        tissue_fraction=grid.fractions[first : first + n],
     )

@@ -30,6 +30,7 @@ EPILOG = """\
 examples:
   scratchpath ingest slides/ --out cohort.zarr
   scratchpath ingest a.svs b.ome.tif --out cohort.zarr --mpp 1.0 --tile-size 256 --workers 8
+  scratchpath ingest slides/ --out multi.zarr --mpp 0.25 0.5 1 2   # four magnifications
   scratchpath ingest regions/*.png --out regions.zarr --assume-mpp 0.5 --min-tissue 0.8
   # SLURM array, one store per task (open them together with PatchStore(a, b, ...)):
   scratchpath ingest slides/ --out cohort-$SLURM_ARRAY_TASK_ID.zarr \\
@@ -61,7 +62,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, metavar="STORE", help="store to create or extend")
     parser.add_argument(
-        "--mpp", type=float, default=0.5, metavar="X", help="µm per pixel of the tiles (0.5)"
+        "--mpp",
+        type=float,
+        nargs="+",
+        default=[0.5],
+        metavar="X",
+        help="µm per pixel of the tiles (0.5); several (--mpp 0.25 0.5 1 2) are cut in one pass "
+        "over each slide into the same store",
     )
     parser.add_argument("--tile-size", type=int, default=224, metavar="N", help="tile edge (224)")
     parser.add_argument(
@@ -106,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     report = ingest(
         args.slides,
         args.out,
-        mpp=args.mpp,
+        mpp=args.mpp[0] if len(args.mpp) == 1 else tuple(args.mpp),
         tile_size=args.tile_size,
         min_tissue=args.min_tissue,
         workers=args.workers,

@@ -6,6 +6,11 @@ An epoch is planned on tile *indices* only (no pixels are touched), in four step
 2. **slide balance** (``max_tiles_per_slide=K``) — per slide, a fresh random subset of at most
    ``K`` tiles each epoch, so that slides with many tiles do not dominate an epoch while all of
    their tiles are still seen over several epochs.
+2b. **magnification weights** (``mpp_weights={0.25: 1, 0.5: 2, ...}``) — for stores cut at
+   several µm/px: each epoch holds about ``w_m / sum(w) * n`` tiles of µm/px ``m`` (``n`` the
+   tiles after step 2), a fresh random subset of that magnification's tiles (repeating them only
+   when the weight asks for more than it has); tiles of a µm/px with no weight are not sampled.
+   A tile's µm/px is matched to the nearest weighted one within 10 %.
 3. **order**, by ``shuffle``:
 
    - ``"tile"``: a random permutation of the epoch's tiles. Best mixing (a batch draws from the
@@ -56,6 +61,8 @@ ShuffleMode = Literal["tile", "shard"]
 # Distinct streams of one (seed, epoch): the slide subset must not correlate with the order.
 _STREAM_SLIDE_BALANCE = 1
 _STREAM_ORDER = 2
+_STREAM_MAGNIFICATION = 3
+MPP_MATCH = 0.10  # relative distance within which a tile's µm/px counts as a weighted one
 
 
 class BatchRequest(NamedTuple):
@@ -148,6 +155,54 @@ def balance_slides(
     if runs.order is None:
         return pool[positions]
     return np.sort(pool[runs.order[positions]])
+
+
+def magnification_groups(
+    tile_mpp: np.ndarray, mpp_weights: dict[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per tile, the index of its weighted µm/px in ``sorted(mpp_weights)`` (-1: none within
+    :data:`MPP_MATCH`), and the normalised weights in that order."""
+    keys = np.array(sorted(mpp_weights), np.float64)
+    weights = np.array([mpp_weights[k] for k in sorted(mpp_weights)], np.float64)
+    if len(keys) == 0 or (keys <= 0).any() or (weights < 0).any() or weights.sum() <= 0:
+        raise ScratchpathError(
+            f"mpp_weights: needs positive µm/px keys and non-negative weights with a positive "
+            f"sum, got {mpp_weights}"
+        )
+    mpp = np.asarray(tile_mpp, np.float64)
+    distance = np.abs(np.log(mpp[:, None] / keys[None, :]))  # (tiles, keys), scale-free
+    group = distance.argmin(axis=1)
+    group[distance[np.arange(len(mpp)), group] > np.log1p(MPP_MATCH)] = -1
+    return group.astype(np.int64), weights / weights.sum()
+
+
+def weight_magnifications(
+    tiles: np.ndarray, group: np.ndarray, weights: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """``tiles`` resampled so that magnification ``k`` makes up ``weights[k]`` of them (sorted).
+
+    The epoch keeps ``len(tiles)`` tiles; counts are rounded by largest remainder. Each group
+    contributes a random subset (or, when asked for more tiles than it has, whole random
+    permutations of it and then a subset), so no tile repeats unless it must.
+    """
+    tiles = np.asarray(tiles, np.int64)
+    groups = group[tiles]
+    present = np.array([(groups == k).any() for k in range(len(weights))])
+    w = np.where(present, weights, 0.0)
+    if w.sum() == 0:
+        return tiles[:0]
+    quota = w / w.sum() * len(tiles)
+    counts = np.floor(quota).astype(np.int64)
+    counts[np.argsort(-(quota - counts), kind="stable")[: len(tiles) - counts.sum()]] += 1
+    chosen = []
+    for k, count in enumerate(counts):
+        members = tiles[groups == k]
+        if count == 0 or len(members) == 0:
+            continue
+        repeats = -(-int(count) // len(members))
+        drawn = np.concatenate([rng.permutation(members) for _ in range(repeats)])
+        chosen.append(drawn[:count])
+    return np.sort(np.concatenate(chosen)) if chosen else tiles[:0]
 
 
 class _BlockedPermutation:
@@ -301,6 +356,9 @@ class DistributedBatchSampler(DistributedSampler):
         shuffle: ``"tile"`` or ``"shard"``; see the module docstring for the trade-off.
         shuffle_buffer: tiles mixed together in ``"shard"`` mode.
         max_tiles_per_slide: at most this many tiles per slide per epoch (None: all).
+        tile_mpp: per tile, its µm/px (needed with ``mpp_weights``).
+        mpp_weights: ``{µm/px: weight}``: the share of each magnification in an epoch, for
+            stores cut at several µm/px (None: every tile once, whatever its µm/px).
         min_tissue: tiles with a smaller tissue fraction are never sampled.
         drop_last: drop the tiles that do not fill a step of all ranks (True) or pad by repeating.
         shard_starts: the first tile index of each shard (``PatchStore.shard_starts()``), an
@@ -323,6 +381,8 @@ class DistributedBatchSampler(DistributedSampler):
         min_tissue: float = 0.0,
         drop_last: bool = True,
         shard_starts: np.ndarray | None = None,
+        tile_mpp: np.ndarray | None = None,
+        mpp_weights: dict[float, float] | None = None,
     ) -> None:
         _check_arguments(batch_size, rank, world_size, shuffle, shuffle_buffer, max_tiles_per_slide)
         self.slide_key = slide_key
@@ -349,6 +409,11 @@ class DistributedBatchSampler(DistributedSampler):
         self.shuffle_mode: ShuffleMode = shuffle
         self.shuffle_buffer = shuffle_buffer
         self.max_tiles_per_slide = max_tiles_per_slide
+        self._magnification = None
+        if mpp_weights is not None:
+            if tile_mpp is None:
+                raise ScratchpathError("mpp_weights: needs the µm/px of every tile (tile_mpp)")
+            self._magnification = magnification_groups(tile_mpp, mpp_weights)
         self._resume_at: tuple[int, int] | None = None
         self._cached: tuple[int, np.ndarray] | None = None
         self._plan: tuple[int, EpochPlan] | None = None
@@ -360,6 +425,8 @@ class DistributedBatchSampler(DistributedSampler):
     def from_store(cls, store: Any, **kwargs: Any) -> DistributedBatchSampler:
         """Plan over a :class:`~scratchpath.store.PatchStore` (or anything with its tile table)."""
         shard_mode = kwargs.get("shuffle", "tile") == "shard"
+        if kwargs.get("mpp_weights") is not None:  # the µm/px column only when it is used
+            kwargs.setdefault("tile_mpp", store.tiles["mpp"])
         return cls(
             slide_key=store.tiles["slide_index"],
             tissue_fraction=store.tiles["tissue_fraction"],
@@ -447,10 +514,16 @@ class DistributedBatchSampler(DistributedSampler):
             yield BatchRequest(epoch, self.batch(epoch, i))
 
     def _epoch_tiles(self, epoch: int) -> np.ndarray:
-        if self.max_tiles_per_slide is None:
-            return self.pool
-        rng = _epoch_rng(self.seed, epoch, _STREAM_SLIDE_BALANCE)
-        return balance_slides(self.pool, self._runs, self.max_tiles_per_slide, rng)
+        tiles = self.pool
+        if self.max_tiles_per_slide is not None:
+            rng = _epoch_rng(self.seed, epoch, _STREAM_SLIDE_BALANCE)
+            tiles = balance_slides(tiles, self._runs, self.max_tiles_per_slide, rng)
+        if self._magnification is not None:
+            rng = _epoch_rng(self.seed, epoch, _STREAM_MAGNIFICATION)
+            if isinstance(tiles, AllTiles):
+                tiles = np.arange(len(tiles), dtype=np.int64)
+            tiles = weight_magnifications(tiles, *self._magnification, rng)
+        return tiles
 
 
 def _shard_first_tiles(chunk_ids: np.ndarray) -> np.ndarray:
@@ -470,9 +543,11 @@ def _required(chunk_ids: np.ndarray | None) -> np.ndarray:
 
 def _is_range(tiles: np.ndarray) -> bool:
     """True if ``tiles`` is 0, 1, ..., n-1 (every tile in the pool: no gather needed)."""
-    if isinstance(tiles, AllTiles):
+    if isinstance(tiles, AllTiles) or len(tiles) == 0:
         return True
-    return len(tiles) == 0 or (int(tiles[0]) == 0 and int(tiles[-1]) == len(tiles) - 1)
+    if int(tiles[0]) != 0 or int(tiles[-1]) != len(tiles) - 1:
+        return False
+    return bool((np.diff(tiles) > 0).all())  # magnification weights may repeat tiles
 
 
 def _check_arguments(
