@@ -117,7 +117,8 @@ class OnlineEvaluation(L.Callback):
         if self.test_store is None:
             # the split of `scratchpath eval --data` (grouped, class-stratified, same seed), so
             # online and offline figures come from the same tiles
-            groups = train.tiles.get("group", np.full(len(train), ""))
+            has_groups = "group" in train.tiles
+            groups = train.tile_column("group") if has_groups else np.full(len(train), "")
             train_idx, test_idx = grouped_split(
                 np.asarray(train.labels), groups, test_fraction=self.test_fraction, seed=self.seed
             )
