@@ -45,7 +45,11 @@ QUICK = {"slides": 2, "size": (1536, 1536), "per_class": 16, "steps": 4, "batch"
 # The same pipeline on real H&E tiles (../shared/data beside the repository): the one command and
 # what it measured (docs/cpu_pretraining.md has the search and the protocol).
 REAL_TILES_COMMAND = "make pretrain-cpu"
-REAL_TILES_FIGURES = "REAL_FIGURES_PLACEHOLDER"
+REAL_TILES_FIGURES = (
+    "EBHI-Seg (6 classes, case-grouped 60/40 splits, mean of 5) linear probe 0.327 vs 0.280 "
+    "for random init and 0.374 for colour histograms, kNN 0.291 vs 0.249 / 0.303 "
+    "(20 min of fit on 2 shared CPU cores, 75 steps)"
+)
 SLIDE_MPP = 0.5  # µm/px the synthetic slides are "scanned" at
 STORE_MPP = 1.0  # µm/px of the stored tiles (96 px = 96 µm: several cells, a gland)
 TILE_SIZE = 96
