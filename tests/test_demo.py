@@ -34,6 +34,9 @@ def test_demo_prints_one_line_per_step(demo):
     steps = [line for line in stdout.splitlines() if line.startswith("[")]
     assert [line.split("]")[0] + "]" for line in steps] == [f"[{i}/8]" for i in range(1, 9)]
     assert "demo finished" in stdout
+    # closing lines: the one command for real tiles and what it measured
+    assert "on real H&E: make pretrain-cpu" in stdout
+    assert "EBHI" in stdout.split("on real H&E:")[1]
 
 
 @pytest.mark.slow

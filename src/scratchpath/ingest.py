@@ -1,10 +1,15 @@
 """Slides -> tissue tiles at a target µm/px -> a patch store (``scratchpath ingest``).
 
-Per slide: hash the file (its sha256 is the resume key), open it, build a thumbnail and its
-tissue mask, lay a grid of non-overlapping tiles over the pyramid level at or just finer than the
-target µm/px, keep tiles whose tissue fraction reaches ``min_tissue``, read them, downsample with
-area averaging (skipped when the level is within 5 % of the target) and encode them with the
-store's codec.
+Per slide: take its fast identity (size, mtime and the sha256 of its first and last MiB: a
+rerun skips a committed slide on that alone, without reading it), open it, build a thumbnail
+and its tissue mask, lay a grid of non-overlapping tiles over the pyramid level at or just
+finer than the target µm/px, keep tiles whose tissue fraction reaches ``min_tissue``, read
+them, downsample with area averaging (skipped when the level is within 5 % of the target) and
+encode them with the store's codec. The full sha256 of the file is computed once, by a pool
+job that runs beside the slide's tile reads (not in a separate pass before them), and recorded
+with the slide. Planning and tile reading/encoding run in worker processes (``workers``); the
+main process alone writes, one slide at a time, and commits each slide atomically, so a killed
+run resumes where it stopped and never duplicates tiles.
 
 Several target µm/px (``mpp=(0.25, 0.5, 1, 2)``) are cut in the same pass over each slide: one
 open, one thumbnail and tissue mask, then one grid per µm/px (each read from its own nearest
@@ -12,13 +17,14 @@ finer level, tissue-filtered on its own tile boxes), all committed with the slid
 records its level-0 corner, so tiles of different µm/px are linked by slide and position. A
 µm/px finer than a slide's level 0 is left out for that slide (noted in its record).
 
-Planning and tile reading/encoding run in worker processes (``workers``); the main process
-alone writes, one slide at a time, and commits each slide atomically, so a killed run resumes
-where it stopped and never duplicates tiles.
+Cost per slide is independent of how many slides came before: a commit writes only its own
+tiles' table bytes, and each slide's outcome is one line appended to ``<out>/run.log.jsonl``
+(``<out>/run.json`` is written at the start and the end of a run).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -47,6 +53,32 @@ from scratchpath.tissue import pen_mask, tissue_fractions, tissue_mask
 CHUNK_TILES = 64  # tiles per worker job: large enough to amortise opening the slide
 THUMB_MIN, THUMB_MAX = 1024, 4096  # long side of the tissue-mask thumbnail
 MASK_PX_PER_TILE = 8  # aim for at least 8×8 mask pixels under every tile
+FAST_ID_BYTES = 2**20  # the fast identity hashes this much of each end of the file
+
+# Fast identities of the slides committed before this run, set once per worker process (by the
+# pool initializer) rather than pickled with every job.
+_COMPLETE: frozenset[str] = frozenset()
+
+
+def fast_id(path: str | os.PathLike) -> str:
+    """A slide file's fast identity: ``"<size>:<mtime_ns>:<sha256 of first + last MiB>"``.
+
+    Reads at most 2 MiB whatever the file size, so a rerun over 10^4 committed slides skips
+    them in seconds; a file rewritten in place gets a new mtime and is ingested again.
+    """
+    stat = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(FAST_ID_BYTES))
+        if stat.st_size > FAST_ID_BYTES:
+            f.seek(max(FAST_ID_BYTES, stat.st_size - FAST_ID_BYTES))
+            digest.update(f.read(FAST_ID_BYTES))
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{digest.hexdigest()}"
+
+
+def _set_complete(complete: frozenset[str]) -> None:
+    global _COMPLETE
+    _COMPLETE = complete
 
 
 @dataclass(frozen=True)
@@ -177,16 +209,23 @@ def tile_grids(slide: Slide, options: TilingOptions) -> tuple[list[Grid], list[s
     return grids, missing
 
 
-def plan_slide(path: str, options: TilingOptions, complete: frozenset[str]) -> SlidePlan:
-    """Hash, open and tile one slide at every target µm/px (runs in a worker). Never raises
-    for a bad slide."""
+def plan_slide(
+    path: str, options: TilingOptions, complete: frozenset[str] | None = None
+) -> SlidePlan:
+    """Identify, open and tile one slide at every target µm/px (runs in a worker). Never
+    raises for a bad slide.
+
+    ``complete`` holds the fast identities of committed slides (default: the set the pool's
+    initializer gave this worker); such a slide is skipped without being opened.
+    """
+    complete = _COMPLETE if complete is None else complete
     p = Path(path)
     record = {"source": str(p.resolve()) if p.exists() else str(p), "slide_id": slide_stem(p)}
     plan = SlidePlan(path=path, record=record)
     try:
         if p.is_file():
-            record.update(bytes=p.stat().st_size, sha256=file_sha256(p))
-            if record["sha256"] in complete:
+            record.update(bytes=p.stat().st_size, fast_id=fast_id(p), sha256="")
+            if record["fast_id"] in complete:
                 plan.status = "skipped"
                 return plan
         with open_slide(p, assume_mpp=options.assume_mpp) as slide:
@@ -343,62 +382,72 @@ def ingest(
     run_info = {
         "arguments": {"paths": [str(p) for p in paths], "out": str(out), "shard": shard,
                       "workers": workers, "codec": codec, "quality": quality, **asdict(options)},
-        "slides": outcomes,
+        "status": "running",
     }  # fmt: skip
     bar = tqdm(total=len(slides), unit="slide", disable=not (progress and sys.stderr.isatty()))
-    pool = _Inline() if workers == 1 else _spawn_pool(workers)
     with StoreWriter(out, tile_size=tile_size, codec=codec, quality=quality) as writer:
         root = Path(writer.path)
         (root / "thumbnails").mkdir(exist_ok=True)
-        complete, seen_ids = _committed(writer.path)
+        complete, seen_ids = _committed(writer)
+        pool = _Inline() if workers == 1 else _spawn_pool(workers, complete)
+        if workers == 1:
+            _set_complete(complete)
+        _write_atomic(root / "run.json", json.dumps(run_info, indent=1).encode())
+        log = open(root / "run.log.jsonl", "a")  # noqa: SIM115
+        log.write(json.dumps({"run_started": time.time(), **run_info}) + "\n")
         plans: deque[Future] = deque()
         todo = iter(slides)
+        n_tiles = 0
         try:
             for _ in range(workers + 1):
-                _submit_next_plan(pool, todo, options, complete, plans)
+                _submit_next_plan(pool, todo, options, plans)
             while plans:
                 plan: SlidePlan = plans.popleft().result()
-                _submit_next_plan(pool, todo, options, complete, plans)
+                _submit_next_plan(pool, todo, options, plans)
                 outcome = _ingest_one(pool, writer, plan, options, seen_ids, workers)
                 outcomes.append(outcome)
+                n_tiles += outcome["n_tiles"]
                 if outcome["status"] == "failed" and on_failure is not None:
                     on_failure(outcome["reason"])
                 bar.update(1)
-                bar.set_postfix(tiles=sum(o["n_tiles"] for o in outcomes))
-                run_info["status"] = "running"
-                _write_atomic(root / "run.json", json.dumps(run_info, indent=1).encode())
+                bar.set_postfix(tiles=n_tiles)
+                log.write(json.dumps(outcome) + "\n")  # O(1) per slide; the commit is durable
+                log.flush()
         finally:
             pool.shutdown(cancel_futures=True)
             bar.close()
-        report = IngestReport(
-            str(out), outcomes, sum(o["n_tiles"] for o in outcomes), time.perf_counter() - start
-        )
-        run_info.update(status="finished", summary=report.summary(), seconds=report.seconds)
+            log.close()
+            _set_complete(frozenset())
+        report = IngestReport(str(out), outcomes, n_tiles, time.perf_counter() - start)
+        run_info.update(status="finished", summary=report.summary(), seconds=report.seconds,
+                        slides=outcomes)  # fmt: skip
         _write_atomic(root / "run.json", json.dumps(run_info, indent=1).encode())
     return report
 
 
-def _spawn_pool(workers: int) -> ProcessPoolExecutor:
+def _spawn_pool(workers: int, complete: frozenset[str]) -> ProcessPoolExecutor:
     import multiprocessing
 
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_set_complete,
+        initargs=(complete,),
+    )
 
 
-def _committed(out: str | os.PathLike) -> tuple[frozenset[str], set[str]]:
-    """sha256 keys and slide ids of the slides already committed to the store."""
+def _committed(writer) -> tuple[frozenset[str], set[str]]:
+    """Fast identities and slide ids of the slides already committed to the store."""
     # Workers skip the tiling work of committed slides; the writer's is_complete is checked
     # again before writing (which also catches the same file listed twice in one run).
-    from scratchpath.store import PatchStore
-
-    with PatchStore(out) as store:
-        ok = [s for s in store.slides if s.get("status") == "ok"]
-    return frozenset(s["sha256"] for s in ok), {s["slide_id"] for s in ok}
+    ok = [s for s in writer.slides if s.get("status") == "ok"]
+    return frozenset(s["fast_id"] for s in ok if s.get("fast_id")), {s["slide_id"] for s in ok}
 
 
-def _submit_next_plan(pool, todo, options, complete, plans: deque) -> None:
+def _submit_next_plan(pool, todo, options, plans: deque) -> None:
     path = next(todo, None)
     if path is not None:
-        plans.append(pool.submit(plan_slide, str(path), options, complete))
+        plans.append(pool.submit(plan_slide, str(path), options, None))
 
 
 def _ingest_one(pool, writer, plan: SlidePlan, options, seen_ids: set, workers: int) -> dict:
@@ -406,11 +455,12 @@ def _ingest_one(pool, writer, plan: SlidePlan, options, seen_ids: set, workers: 
     record = dict(plan.record)
     outcome = {"source": plan.path, "slide_id": record["slide_id"], "n_tiles": 0}
     if plan.status == "skipped" or (
-        plan.status == "planned" and writer.is_complete(record["sha256"])
+        plan.status == "planned" and writer.is_complete(record.get("fast_id", "-"))
     ):
         return {**outcome, "status": "skipped", "reason": "already in the store"}
     if record["slide_id"] in seen_ids:  # same file name in two folders, or a changed file
-        record["slide_id"] = f"{record['slide_id']}-{record.get('sha256', '')[:8]}"
+        digest = record.get("fast_id", "").rsplit(":", 1)[-1]
+        record["slide_id"] = f"{record['slide_id']}-{digest[:8]}"
     seen_ids.add(record["slide_id"])
     outcome["slide_id"] = record["slide_id"]
     if plan.thumbnail_png:
@@ -427,6 +477,8 @@ def _ingest_one(pool, writer, plan: SlidePlan, options, seen_ids: set, workers: 
     chunks = [(g, first) for g in plan.grids for first in range(0, len(g.xy), CHUNK_TILES)]
     pending: deque[tuple[Future, Grid, int]] = deque()
     submitted = 0
+    # The one full read for the sha256, in the pool beside the tile reads.
+    sha256 = pool.submit(file_sha256, plan.path)
     slide_writer = writer.begin_slide(record)
     try:
         while submitted < len(chunks) or pending:
@@ -438,6 +490,11 @@ def _ingest_one(pool, writer, plan: SlidePlan, options, seen_ids: set, workers: 
                 submitted += 1
             future, grid, first = pending.popleft()
             _add_chunk(slide_writer, future.result(), first, grid)
+        record["sha256"] = sha256.result()
+        if writer.is_complete(record["sha256"]):  # the same bytes under another name or time
+            slide_writer.abort()
+            return {**outcome, "status": "skipped", "reason": "same content already in the store"}
+        slide_writer.update_record(sha256=record["sha256"])
         slide_writer.commit()
     except Exception as err:
         slide_writer.abort()

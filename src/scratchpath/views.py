@@ -185,6 +185,11 @@ class ViewGenerator:
         self._generators: dict[str, torch.Generator] = {}
         self.set_seed(seed)
 
+    @property
+    def input_size(self) -> int:
+        """Side length of the first (global) views: the input size the backbone trains at."""
+        return int(self._families[0][0].size)
+
     def set_seed(self, seed: int) -> None:
         """Seed the next call (the data module calls this per sample with a derived seed)."""
         self._rng = np.random.default_rng(seed)

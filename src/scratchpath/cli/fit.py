@@ -22,7 +22,9 @@ TensorBoard loggers in ``<default_root_dir>/logs/version_N``, checkpoints in
 ``<default_root_dir>/checkpoints`` (``last.ckpt`` + the best by online kNN accuracy, else by
 loss), throughput logging, a plain progress line every ``log_every_n_steps`` steps when the
 recipe turns the progress bar off (step / total, loss, rate, time left), preemption-safe
-checkpoints, and the resolved config recorded in
+checkpoints (SIGTERM / SIGUSR1 saved at an optimiser-step boundary; under SLURM, Lightning's
+auto-requeue is turned off and ``recipes/slurm_train.sbatch`` requeues on exit status 138), and
+the resolved config recorded in
 every checkpoint (``trainer.scratchpath_config``).
 """
 
@@ -36,6 +38,7 @@ from typing import Any, TextIO
 
 import torch
 from jsonargparse import ArgumentError
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -131,6 +134,8 @@ class ScratchpathCLI(LightningCLI):
         kwargs["callbacks"] = callbacks + extra
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(root)
+        if SLURMEnvironment.detect():
+            kwargs["plugins"] = slurm_plugins(trainer_config.get("plugins"))
         return super().instantiate_trainer(**kwargs)
 
     def _default_callbacks(self, callbacks: list[Callback], root: str) -> list[Callback]:
@@ -168,6 +173,19 @@ def check_config(config: Any) -> None:
             for key in ("train_store", "test_store"):
                 if init.get(key) is not None:
                     _check_stores([init[key]], f"trainer.callbacks[{i}].{key}")
+
+
+def slurm_plugins(plugins: Any) -> list[Any]:
+    """The recipe's plugins plus ``SLURMEnvironment(auto_requeue=False)`` (unless it has one).
+
+    Lightning's auto-requeue saves a checkpoint inside the SIGUSR1 handler, in the middle of a
+    step; :class:`~scratchpath.callbacks.PreemptionCheckpoint` saves at the next optimiser-step
+    boundary instead and ``recipes/slurm_train.sbatch`` requeues the job itself.
+    """
+    listed = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+    if not any(isinstance(plugin, SLURMEnvironment) for plugin in listed):
+        listed.append(SLURMEnvironment(auto_requeue=False))
+    return listed
 
 
 def auto_precision(accelerator: Any) -> str:

@@ -40,9 +40,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def summarise(store) -> dict:
     """The summary of a :class:`~scratchpath.store.PatchStore` as a JSON-ready dict."""
-    ok = {s["sha256"] for s in store.slides if s["status"] == "ok"}
+
+    def key(slide: dict) -> str:  # failed slides carry a fast identity but no full sha256
+        return slide.get("fast_id") or slide["sha256"] or slide.get("source", "")
+
+    ok = {key(s) for s in store.slides if s["status"] == "ok"}
     # A slide that failed and later succeeded (a resumed run) counts as ok only.
-    failed = {s["sha256"] for s in store.slides if s["status"] == "failed"} - ok
+    failed = {key(s) for s in store.slides if s["status"] == "failed"} - ok
     n = len(store)
     classes = {}
     if store.labels is not None:

@@ -14,13 +14,16 @@ For each slide: the pyramid level at or just finer than --mpp is read and area-d
 --mpp (cut as is when within 5 %); a tissue mask on the thumbnail rejects glass, pen marks and
 specks; tiles with at least --min-tissue tissue are kept. The store records, per tile, the slide,
 level-0 x/y, level read, µm/px stored and tissue fraction; STORE/thumbnails/<slide>.png shows
-the mask and the kept tiles, STORE/run.json the arguments and each slide's outcome.
+the mask and the kept tiles, STORE/run.json the arguments and (once finished) each slide's
+outcome, STORE/run.log.jsonl one line per slide as it happens.
 
 Folders are searched recursively for whole-slide files (.svs, .tif, .tiff, .ome.tif, .ndpi,
 ...); PNG/JPEG images are ingested only when named explicitly.
 
-Re-running the same command resumes an interrupted run: slides already in the store (same
-sha256) are skipped, and a slide's tiles appear only once it is complete. A slide that fails is
+Re-running the same command resumes an interrupted run: slides already in the store are
+skipped without being read again (same size, mtime and first/last MiB; the full sha256 of each
+slide is recorded once, while its tiles are read), and a slide's tiles appear only once it is
+complete. A slide that fails is
 reported on one line and the others still ingest; the exit status is then 1."""
 
 EPILOG = """\
@@ -91,7 +94,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--codec",
         default="jpeg",
-        help="tile codec: jpeg[:QUALITY] (lossy, default), zstd[:LEVEL] or webp (lossless)",
+        help="tile codec: jpeg[:QUALITY[:444|420]] (lossy, default jpeg:90:444, no chroma "
+        "subsampling), zstd[:LEVEL] or webp (lossless)",
     )
     parser.add_argument(
         "--quality", type=int, default=90, metavar="Q", help="JPEG quality 1..100 (90)"

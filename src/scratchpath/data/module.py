@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from scratchpath.data.fields import FieldsOfView, FieldViewBatches, crop_fields
 from scratchpath.data.sampling import BatchRequest, DistributedBatchSampler, sample_seed
 from scratchpath.errors import ScratchpathError
 from scratchpath.store import PatchStore
@@ -96,6 +97,11 @@ class PatchDataModule(L.LightningDataModule):
         mpp_weights: ``{µm/px: weight}`` for stores cut at several µm/px (``ingest --mpp 0.25
             0.5 1 2``): the share of each magnification in an epoch, e.g. ``{0.25: 1, 0.5: 1,
             1.0: 1, 2.0: 1}``; deterministic per (seed, epoch). None: every tile once per epoch.
+        fields: µm-continuous views (:class:`~scratchpath.data.fields.FieldsOfView`): each
+            view's field of view drawn in µm and cut from the finest stored µm/px that covers
+            it; batches then also carry ``"view_mpp"`` (V, B). Its views replace the view
+            generator's crops; the generator still normalises them (and, with
+            ``device_augment``, applies its colour augmentation on the device).
     """
 
     def __init__(
@@ -113,6 +119,7 @@ class PatchDataModule(L.LightningDataModule):
         drop_last: bool = True,
         prefetch_factor: int = 2,
         mpp_weights: dict[float, float] | None = None,
+        fields: FieldsOfView | None = None,
     ) -> None:
         super().__init__()
         if not stores:
@@ -121,7 +128,13 @@ class PatchDataModule(L.LightningDataModule):
             raise ScratchpathError(f"num_workers: must be 0 or more, got {num_workers}")
         if not 0.0 <= min_tissue <= 1.0:
             raise ScratchpathError(f"min_tissue: must be within [0, 1], got {min_tissue}")
-        self.save_hyperparameters(ignore=["views"])
+        self.save_hyperparameters(ignore=["views", "fields"])
+        if fields is not None and fields.n_views != views.n_views:
+            raise ScratchpathError(
+                f"data.fields: {fields.n_views} views, but the view generator makes "
+                f"{views.n_views} (match n_global / n_local to it)"
+            )
+        self.fields = fields
         self.stores = [str(path) for path in stores]
         self.views = views
         self._store: PatchStore | None = None
@@ -182,8 +195,14 @@ class PatchDataModule(L.LightningDataModule):
             self._resume_state = None
         self._sampler = sampler
         workers = self.hparams.num_workers
+        seed = self.hparams.seed
+        dataset = (
+            ViewBatches(self.store, self.views, seed)
+            if self.fields is None
+            else FieldViewBatches(self.store, self.fields, seed)
+        )
         return _ResumableLoader(
-            ViewBatches(self.store, self.views, self.hparams.seed),
+            dataset,
             sampler=sampler,
             batch_size=None,  # the sampler yields whole batches
             num_workers=workers,
@@ -208,6 +227,10 @@ class PatchDataModule(L.LightningDataModule):
         tile), so device-side augmentation is reproducible, differs between ranks and resumes
         exactly like the CPU views.
         """
+        if isinstance(batch, dict) and "field_tiles" in batch:  # fields.on_device: crop here
+            views = crop_fields(batch.pop("field_tiles"), batch.pop("field_source"),
+                                batch.pop("field_boxes"), self.fields.sizes)  # fmt: skip
+            batch = {**batch, "views": views}
         if not (isinstance(batch, dict) and "views" in batch):
             return batch
         generator = None
@@ -239,6 +262,8 @@ class PatchDataModule(L.LightningDataModule):
         return {
             "mpp": self.store.mpp,
             "tile_size": self.store.tile_size,
+            # what the backbone saw (a CNN has no img_size of its own): export and eval use it
+            "input_size": getattr(self.views, "input_size", None),
             "mean": tuple(self.views.mean),
             "std": tuple(self.views.std),
             "stores": [dict(entry) for entry in self._store_entries],

@@ -14,7 +14,28 @@ from torch.nn.utils.parametrizations import weight_norm
 from scratchpath.backbones import feature_dim
 from scratchpath.errors import ScratchpathError
 from scratchpath.objectives.base import SSLObjective
-from scratchpath.objectives.heads import all_reduce_mean
+from scratchpath.objectives.collectives import all_reduce_mean
+
+
+def dino_cross_entropy(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float = 0.1
+) -> torch.Tensor:
+    """``H(P_t(g), P_s(v))`` averaged over images and over all pairs of a global crop g and a
+    different crop v (DINO's Algorithm 1; DINOv2's local + global crop terms together).
+
+    Args:
+        student_logits: ``(V, B, K)`` student head outputs for all V crops.
+        teacher_probs: ``(G, B, K)`` teacher targets for the G global crops, which are also the
+            first G student crops (softmax of the centred logits, or Sinkhorn-Knopp).
+        student_temp: τ_s.
+    """
+    student_log_probs = F.log_softmax(student_logits / student_temp, dim=-1)  # (V, B, K)
+    batch = student_logits.shape[1]
+    cross_entropy = -torch.einsum("gbk,vbk->gv", teacher_probs, student_log_probs) / batch
+    n_global, n_views = cross_entropy.shape
+    other_crop = 1.0 - torch.eye(n_global, n_views, device=cross_entropy.device)
+    # a weighted sum, not cross_entropy[mask]: boolean indexing would wait for the GPU
+    return (cross_entropy * other_crop).sum() / (n_global * n_views - n_global)
 
 
 def dino_loss(
@@ -38,12 +59,7 @@ def dino_loss(
         different crop v.
     """
     teacher_probs = F.softmax((teacher_logits - center) / teacher_temp, dim=-1)  # (G, B, K)
-    student_log_probs = F.log_softmax(student_logits / student_temp, dim=-1)  # (V, B, K)
-    batch = student_logits.shape[1]
-    cross_entropy = -torch.einsum("gbk,vbk->gv", teacher_probs, student_log_probs) / batch
-    n_global, n_views = cross_entropy.shape
-    same_crop = torch.eye(n_global, n_views, dtype=torch.bool, device=cross_entropy.device)
-    return cross_entropy[~same_crop].mean()
+    return dino_cross_entropy(student_logits, teacher_probs, student_temp)
 
 
 @torch.no_grad()
