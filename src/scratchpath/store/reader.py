@@ -101,6 +101,17 @@ class _OneStore:
             return os.pread(self._fd(shard), nbytes, offset)
         return self.loc.read_range(layout.shard_key(shard), offset, offset + nbytes)
 
+    def read_blobs(self, rows: np.ndarray) -> list[bytes]:
+        """The encoded bytes of the tiles at ``rows``, in that order."""
+        entries = self._lookup(rows)
+        if self.loc.local is None:
+            return [self.read_blob(row) for row in rows.tolist()]
+        fd_of, pread, shard_size = self._fd, os.pread, self.shard_size
+        return [
+            pread(fd_of(row // shard_size), nbytes, offset)
+            for row, (offset, nbytes) in zip(rows.tolist(), entries.tolist(), strict=True)
+        ]
+
     def decode_rows(self, rows: np.ndarray, out: np.ndarray, where: np.ndarray) -> None:
         """Decode the tiles at ``rows`` into ``out[where]``."""
         entries = self._lookup(rows)
@@ -213,13 +224,16 @@ class PatchStore:
         """Tile ``i`` as (H, W, 3) uint8 RGB."""
         return self.read([i])[0]
 
-    def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Tiles at ``indices`` (any order, repeats allowed) as (N, H, W, 3) uint8 RGB."""
+    def _indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
         if len(idx) and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"tile index out of range for a store of {n} tiles")
-        idx = np.where(idx < 0, idx + n, idx)
+        return np.where(idx < 0, idx + n, idx)
+
+    def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Tiles at ``indices`` (any order, repeats allowed) as (N, H, W, 3) uint8 RGB."""
+        idx = self._indices(indices)
         t = self.tile_size
         out = np.empty((len(idx), t, t, 3), np.uint8)
         store_ids = self._store_of[idx]
@@ -228,6 +242,23 @@ class PatchStore:
             if len(where):
                 store.decode_rows(self._rows[idx[where]], out, where)
         return out
+
+    def read_encoded_batch(self, indices: Sequence[int] | np.ndarray) -> list[bytes]:
+        """The stored (encoded, not decoded) bytes of the tiles at ``indices``, in that order.
+
+        What a data-loader worker hands to the training device when it decodes there (JPEG
+        stores: ``torchvision.io.decode_jpeg`` on the GPU); decode each with the store's codec.
+        """
+        idx = self._indices(indices)
+        blobs: list[bytes] = [b""] * len(idx)
+        store_ids = self._store_of[idx]
+        for s, store in enumerate(self._stores):
+            where = np.flatnonzero(store_ids == s) if len(self._stores) > 1 else np.arange(len(idx))
+            if len(where):
+                read = store.read_blobs(self._rows[idx[where]])
+                for j, blob in zip(where.tolist(), read, strict=True):
+                    blobs[j] = blob
+        return blobs
 
     def read_encoded(self, i: int) -> bytes:
         """The stored bytes of tile ``i`` (for copying tiles between stores without re-encoding)."""
