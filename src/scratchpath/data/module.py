@@ -113,8 +113,8 @@ class ViewBatches(Dataset):
             return {"tiles": torch.from_numpy(self.store.read(indices)), "index": index}
         tiles = self.store.read(indices)  # (B, H, W, 3) uint8
         per_view: list[list[torch.Tensor]] = [[] for _ in range(self.views.n_views)]
-        for tile, index in zip(tiles, indices, strict=True):
-            self.views.set_seed(sample_seed(self.seed, epoch, int(index)))
+        for tile, tile_index in zip(tiles, indices, strict=True):
+            self.views.set_seed(sample_seed(self.seed, epoch, int(tile_index)))
             for slot, view in zip(per_view, self.views(tile), strict=True):
                 slot.append(view)
         return {"views": [torch.stack(views) for views in per_view], "index": index}
