@@ -210,10 +210,10 @@ def train_rate(name: str, store_path: Path, resident: bool, steps: int = 30) -> 
     )  # fmt: skip
     if resident:  # one batch made once, already on the GPU: the input costs nothing
         dm.setup("fit")
-        dm.resolve_views_path()
+        dm.views.resolve_device_augment("cuda")  # as the GPU trainer would
         host = next(iter(dm.train_dataloader()))
         dm._device_seed = 0
-        batch = dm.on_after_batch_transfer({k: v for k, v in host.items()}, 0)
+        batch = dm.on_after_batch_transfer({**host, "index": host["index"].cuda()}, 0)
         batch = {
             k: (v.cuda() if isinstance(v, torch.Tensor) else [x.cuda() for x in v])
             for k, v in batch.items()
