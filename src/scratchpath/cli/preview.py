@@ -117,6 +117,7 @@ def preview_views(
     import torch
 
     generator = torch.Generator(device=device).manual_seed(seed)
+    views.resolve_device_augment(device)  # null in a recipe: what training on this device does
     if views.device_augment:  # the device path builds every view from the whole tiles
         batch = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).to(device)
         made = views.device_views(batch, generator=generator)
