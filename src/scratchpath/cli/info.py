@@ -1,4 +1,4 @@
-"""``scratchpath info``: what a patch store holds."""
+"""``scratchpath info``: what a patch store holds, or what a slide file holds."""
 
 from __future__ import annotations
 
@@ -10,15 +10,29 @@ from collections import Counter
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "info",
-        help="summarise patch stores (slides, tiles, classes, µm/px, codec, fingerprint)",
+        help="summarise patch stores (tiles, classes, µm/px, ...) or slides (levels, µm/px)",
         description=(
             "Print a summary of each patch store: slides (ok / failed), tiles, classes with "
             "tile counts, µm/px, tile size, codec, stored bytes per tile, format version and "
-            "content fingerprint. With several stores, also the summary of them opened as one."
+            "content fingerprint. With several stores, also the summary of them opened as one. "
+            "A slide file (SVS, NDPI, DICOM, MRXS, ...; a DICOM folder with --slide) prints its "
+            "vendor, the backend that reads it, its µm/px and where that came from, and its "
+            "levels with their size, downsample and µm/px."
         ),
     )
-    parser.add_argument("stores", nargs="+", metavar="STORE", help="store folder or URL")
+    parser.add_argument(
+        "stores", nargs="+", metavar="STORE_OR_SLIDE", help="store folder or URL, or slide file"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--slide", action="store_true", help="read every path as a slide (e.g. a DICOM folder)"
+    )
+    parser.add_argument(
+        "--assume-mpp",
+        type=float,
+        metavar="X",
+        help="µm per pixel of level 0 for a slide that records none",
+    )
     parser.set_defaults(run=run)
 
 
@@ -80,11 +94,47 @@ def _text(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _slide_text(info: dict) -> str:
+    lines = [
+        f"slide          {info['path']}",
+        f"vendor         {info['vendor']}",
+        f"backend        {info['backend']}",
+        f"µm/px          {info['mpp']:.4g} ({info['mpp_source']})",
+        f"levels         {len(info['levels'])}",
+        "  level  width x height  downsample  µm/px",
+    ]
+    for lv in info["levels"]:
+        size = f"{lv['width']} x {lv['height']}"
+        lines.append(f"  {lv['index']:>5}  {size:>14}  {lv['downsample']:>10.4g}  {lv['mpp']:.4g}")
+    return "\n".join(lines)
+
+
+def _is_slide(path: str) -> bool:
+    from pathlib import Path
+
+    return "://" not in path and Path(path).is_file()
+
+
 def run(args: argparse.Namespace) -> int:
     from scratchpath.errors import ScratchpathError
+    from scratchpath.slides import open_slide
     from scratchpath.store import PatchStore
 
-    stores = [PatchStore(path) for path in args.stores]
+    slide_paths = [p for p in args.stores if args.slide or _is_slide(p)]
+    slides = []
+    for path in slide_paths:
+        with open_slide(path, assume_mpp=args.assume_mpp) as slide:
+            slides.append(slide.describe())
+    if len(slide_paths) == len(args.stores):
+        if args.json:
+            print(json.dumps(slides if len(slides) > 1 else slides[0], indent=2))
+        else:
+            print("\n\n".join(_slide_text(s) for s in slides))
+        return 0
+    if slides and not args.json:
+        print("\n\n".join(_slide_text(s) for s in slides), end="\n\n")
+    stores = [PatchStore(path) for path in args.stores if path not in slide_paths]
+    args.stores = [path for path in args.stores if path not in slide_paths]
     summaries = [summarise(s) for s in stores]
     if len(stores) > 1:
         try:
@@ -92,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         except ScratchpathError as err:  # e.g. different class names: still show each store
             summaries.append({"combined": False, "reason": str(err)})
     if args.json:
-        print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2))
+        everything = slides + summaries
+        print(json.dumps(everything if len(everything) > 1 else everything[0], indent=2))
     else:
         print("\n\n".join(_text(s) for s in summaries))
     return 0
