@@ -83,8 +83,14 @@ class EncodedTiles:
 
 def limit_worker_threads(worker_id: int) -> None:
     """``worker_init_fn``: one OpenCV and one torch thread per worker (the workers are the
-    parallelism; more threads per worker only contend for the same cores)."""
-    cv2.setNumThreads(1)
+    parallelism; more threads per worker only contend for the same cores).
+
+    Forked workers already inherit one OpenCV thread from :meth:`PatchDataModule.train_dataloader`:
+    ``cv2.setNumThreads`` in a forked child of a process whose OpenCV thread pool ran deadlocks
+    (pthreads backend), so it is only called where the count is not 1 yet (spawned workers).
+    """
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
 
@@ -237,6 +243,14 @@ class PatchDataModule(L.LightningDataModule):
         self._sampler = sampler
         self.resolve_views_path()
         workers = self.hparams.num_workers
+        if workers > 0 and torch.multiprocessing.get_start_method(allow_none=True) in (
+            None,
+            "fork",
+        ):
+            # Forked workers inherit OpenCV's thread count and cannot safely change it (see
+            # limit_worker_threads). The training process does no OpenCV work once workers
+            # make the views, so one thread costs it nothing.
+            cv2.setNumThreads(1)
         return _ResumableLoader(
             ViewBatches(self.store, self.views, self.hparams.seed),
             sampler=sampler,
