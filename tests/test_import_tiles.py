@@ -40,9 +40,8 @@ def test_lc25000_imports_with_labels_and_groups(tmp_path, tiles_dir):
     assert store.class_names == ["lung_aca", "lung_n", "lung_scc"]
     assert np.bincount(store.labels).tolist() == [243, 249, 248]
     expected = [(r["label"], r["lc25000clean_group_id"]) for r in rows]
-    got = [
-        (store.class_names[k], g) for k, g in zip(store.labels, store.tiles["group"], strict=True)
-    ]
+    groups = store.tile_column("group")
+    got = [(store.class_names[k], g) for k, g in zip(store.labels, groups, strict=True)]
     assert got == expected
     assert store.mpp is None  # no --mpp given: unknown
     first = np.asarray(Image.open(source / rows[0]["path"]).convert("RGB"))
@@ -119,9 +118,9 @@ def test_cli_imports_ebhi_with_case_groups_and_info_reports_it(tmp_path, tiles_d
     assert info["classes"] == {
         name: sum(r["label"] == name for r in rows) for name in sorted({r["label"] for r in rows})
     }
-    assert info["mpp"] == 0.5 and info["codec"] == "jpeg:90" and info["tile_size"] == 224
+    assert info["mpp"] == 0.5 and info["codec"] == "jpeg:90:444" and info["tile_size"] == 224
     assert info["fingerprint"] == PatchStore(store).fingerprint
-    assert PatchStore(store).tiles["group"].tolist() == [r["case_id"] for r in rows]
+    assert PatchStore(store).tile_column("group").tolist() == [r["case_id"] for r in rows]
     assert main(["info", store]) == 0
     assert "fingerprint" in capsys.readouterr().out
 

@@ -161,6 +161,29 @@ def test_rerun_skips_complete_slides_and_adds_nothing(clean_store: Path, slides_
     assert len(after) == len(before) and after.fingerprint == before.fingerprint
 
 
+def test_rerun_skips_by_fast_identity_without_reading_slides(
+    clean_store: Path, slides_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scratchpath.ingest as ingest_module
+    from scratchpath.files import file_sha256
+
+    out = tmp_path / "store"
+    shutil.copytree(clean_store, out)
+    for slide in PatchStore(out).slides:  # the full hash was recorded while tiling
+        assert slide["sha256"] == file_sha256(slide["source"])
+        assert slide["fast_id"] == ingest_module.fast_id(slide["source"])
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a committed slide was read again")
+
+    monkeypatch.setattr(ingest_module, "file_sha256", must_not_run)
+    monkeypatch.setattr(ingest_module, "open_slide", must_not_run)
+    report = ingest(_slides(slides_dir), out, progress=False, **RUN)
+    assert [s["status"] for s in report.slides] == ["skipped"] * 4
+    lines = (out / "run.log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["status"] for line in lines[-4:]] == ["skipped"] * 4
+
+
 def test_store_records_thumbnails_and_run_report(clean_store: Path) -> None:
     store = PatchStore(clean_store)
     run = json.loads((clean_store / "run.json").read_text())
@@ -209,7 +232,8 @@ def test_killed_run_resumes_to_the_same_store_as_a_clean_run(
                "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (out / "run.json").exists():  # written after each slide
+    log = out / "run.log.jsonl"  # one line per slide, appended after its commit
+    while not (log.exists() and log.read_text().count('"status"') >= 2):  # run line + a slide
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline
         time.sleep(0.02)

@@ -85,7 +85,9 @@ def test_tables_hold_the_written_columns(tmp_path, real_tiles):
     store = PatchStore(tmp_path / "s.zarr")
     np.testing.assert_array_equal(store.tiles["x"], np.arange(24) * 10)
     np.testing.assert_array_equal(store.tiles["slide_index"], [0] * 12 + [1] * 12)
-    assert list(store.tiles["group"][[0, 23]]) == ["g0", "g1"]
+    # Groups are int32 codes into a small dictionary (code 0: no group), not strings per tile.
+    assert store.tiles["group"].dtype == np.int32 and store.group_names == ["", "g0", "g1"]
+    assert list(store.tile_column("group")[[0, 23]]) == ["g0", "g1"]
     assert store.mpp == 0.5 and store.labels is None and store.class_names == []
     assert [s["n_tiles"] for s in store.slides] == [12, 12]
     assert {s["status"] for s in store.slides} == {"ok"}

@@ -172,7 +172,7 @@ def _group_split(
     store: Any, test_fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hold out ``test_fraction`` of the tiles, by whole group when the store has groups."""
-    groups = np.asarray(store.tiles.get("group", np.full(len(store), "")), dtype=str)
+    groups = np.asarray(store.tile_column("group"), dtype=str)  # codes -> names
     if (groups == "").all():
         groups = np.arange(len(store)).astype(str)
     unique = rng.permutation(np.unique(groups))

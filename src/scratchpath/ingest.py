@@ -1,16 +1,30 @@
 """Slides -> tissue tiles at a target µm/px -> a patch store (``scratchpath ingest``).
 
-Per slide: hash the file (its sha256 is the resume key), open it, build a thumbnail and its
-tissue mask, lay a grid of non-overlapping tiles over the pyramid level at or just finer than the
-target µm/px, keep tiles whose tissue fraction reaches ``min_tissue``, read them, downsample with
-area averaging (skipped when the level is within 5 % of the target) and encode them with the
-store's codec. Planning and tile reading/encoding run in worker processes (``workers``); the
+Per slide: take its fast identity (size, mtime and the sha256 of its first and last MiB: a
+rerun skips a committed slide on that alone, without reading it), open it, build a thumbnail
+and its tissue mask, lay a grid of non-overlapping tiles over the pyramid level at or just
+finer than the target µm/px, keep tiles whose tissue fraction reaches ``min_tissue``, read
+them, downsample with area averaging (skipped when the level is within 5 % of the target) and
+encode them with the store's codec. The full sha256 of the file is computed once, by a pool
+job that runs beside the slide's tile reads (not in a separate pass before them), and recorded
+with the slide. Planning and tile reading/encoding run in worker processes (``workers``); the
 main process alone writes, one slide at a time, and commits each slide atomically, so a killed
 run resumes where it stopped and never duplicates tiles.
+
+Several target µm/px (``mpp=(0.25, 0.5, 1, 2)``) are cut in the same pass over each slide: one
+open, one thumbnail and tissue mask, then one grid per µm/px (each read from its own nearest
+finer level, tissue-filtered on its own tile boxes), all committed with the slide. Every tile
+records its level-0 corner, so tiles of different µm/px are linked by slide and position. A
+µm/px finer than a slide's level 0 is left out for that slide (noted in its record).
+
+Cost per slide is independent of how many slides came before: a commit writes only its own
+tiles' table bytes, and each slide's outcome is one line appended to ``<out>/run.log.jsonl``
+(``<out>/run.json`` is written at the start and the end of a run).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -19,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +53,60 @@ from scratchpath.tissue import pen_mask, tissue_fractions, tissue_mask
 CHUNK_TILES = 64  # tiles per worker job: large enough to amortise opening the slide
 THUMB_MIN, THUMB_MAX = 1024, 4096  # long side of the tissue-mask thumbnail
 MASK_PX_PER_TILE = 8  # aim for at least 8×8 mask pixels under every tile
+FAST_ID_BYTES = 2**20  # the fast identity hashes this much of each end of the file
+
+# Fast identities of the slides committed before this run, set once per worker process (by the
+# pool initializer) rather than pickled with every job.
+_COMPLETE: frozenset[str] = frozenset()
+
+
+def fast_id(path: str | os.PathLike) -> str:
+    """A slide file's fast identity: ``"<size>:<mtime_ns>:<sha256 of first + last MiB>"``.
+
+    Reads at most 2 MiB whatever the file size, so a rerun over 10^4 committed slides skips
+    them in seconds; a file rewritten in place gets a new mtime and is ingested again.
+    """
+    stat = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(FAST_ID_BYTES))
+        if stat.st_size > FAST_ID_BYTES:
+            f.seek(max(FAST_ID_BYTES, stat.st_size - FAST_ID_BYTES))
+            digest.update(f.read(FAST_ID_BYTES))
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{digest.hexdigest()}"
+
+
+def _set_complete(complete: frozenset[str]) -> None:
+    global _COMPLETE
+    _COMPLETE = complete
 
 
 @dataclass(frozen=True)
 class TilingOptions:
-    """How tiles are cut: target µm/px, tile edge (px), minimum tissue fraction, fallback µm/px."""
+    """How tiles are cut: target µm/px (one, or several cut in one pass), tile edge (px),
+    minimum tissue fraction, fallback µm/px."""
 
-    mpp: float = 0.5
+    mpp: float | tuple[float, ...] = 0.5
     tile_size: int = 224
     min_tissue: float = 0.5
     assume_mpp: float | None = None
+
+    @property
+    def mpps(self) -> tuple[float, ...]:
+        """The target µm/px as a tuple, in the order given."""
+        return tuple(self.mpp) if isinstance(self.mpp, (tuple, list)) else (float(self.mpp),)
+
+
+@dataclass
+class Grid:
+    """The tiles of one target µm/px of a slide: where they are read and which are kept."""
+
+    target_mpp: float
+    level: int
+    read_size: int  # square window read per tile, in level px
+    stored_mpp: float
+    xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # level-0 px
+    fractions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
 
 @dataclass
@@ -59,12 +117,12 @@ class SlidePlan:
     record: dict
     status: str = "planned"  # planned | skipped | failed
     reason: str = ""
-    level: int = 0
-    read_size: int = 0
-    stored_mpp: float = 0.0
-    xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # level-0 px
-    fractions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    grids: list[Grid] = field(default_factory=list)  # one per target µm/px the slide provides
     thumbnail_png: bytes = b""
+
+    @property
+    def n_tiles(self) -> int:
+        return sum(len(g.xy) for g in self.grids)
 
 
 @dataclass
@@ -133,41 +191,74 @@ def tile_grid(slide: Slide, options: TilingOptions) -> tuple[int, int, float, np
     return level.index, read_size, float(stored_mpp), xy
 
 
-def plan_slide(path: str, options: TilingOptions, complete: frozenset[str]) -> SlidePlan:
-    """Hash, open and tile one slide (runs in a worker). Never raises for a bad slide."""
+def tile_grids(slide: Slide, options: TilingOptions) -> tuple[list[Grid], list[str]]:
+    """All-tile :class:`Grid` s of every target µm/px the slide can provide (not yet filtered
+    for tissue), and one reason per target it cannot (finer than its level 0)."""
+    grids, missing = [], []
+    for target in options.mpps:
+        try:
+            level, read_size, stored_mpp, xy = tile_grid(slide, replace(options, mpp=target))
+        except ScratchpathError as err:
+            if len(options.mpps) == 1:
+                raise
+            missing.append(str(err))
+            continue
+        grids.append(Grid(target, level, read_size, stored_mpp, xy))
+    if not grids:
+        raise ScratchpathError(missing[0])
+    return grids, missing
+
+
+def plan_slide(
+    path: str, options: TilingOptions, complete: frozenset[str] | None = None
+) -> SlidePlan:
+    """Identify, open and tile one slide at every target µm/px (runs in a worker). Never
+    raises for a bad slide.
+
+    ``complete`` holds the fast identities of committed slides (default: the set the pool's
+    initializer gave this worker); such a slide is skipped without being opened.
+    """
+    complete = _COMPLETE if complete is None else complete
     p = Path(path)
     record = {"source": str(p.resolve()) if p.exists() else str(p), "slide_id": slide_stem(p)}
     plan = SlidePlan(path=path, record=record)
     try:
         if p.is_file():
-            record.update(bytes=p.stat().st_size, sha256=file_sha256(p))
-            if record["sha256"] in complete:
+            record.update(bytes=p.stat().st_size, fast_id=fast_id(p), sha256="")
+            if record["fast_id"] in complete:
                 plan.status = "skipped"
                 return plan
         with open_slide(p, assume_mpp=options.assume_mpp) as slide:
             record.update(slide_id=slide.slide_id, vendor=slide.vendor, mpp=slide.mpp)
             record.update(width=slide.levels[0].width, height=slide.levels[0].height)
-            plan.level, plan.read_size, plan.stored_mpp, xy = tile_grid(slide, options)
-            step = plan.read_size * slide.levels[plan.level].downsample
-            size = int(np.clip(MASK_PX_PER_TILE * max(record["width"], record["height"]) / step,
-                               THUMB_MIN, THUMB_MAX))  # fmt: skip
+            grids, missing = tile_grids(slide, options)
+            if missing:
+                record["mpp_not_cut"] = missing
+            steps = [g.read_size * slide.levels[g.level].downsample for g in grids]
+            # One mask for all µm/px, fine enough for the smallest tiles.
+            size = int(np.clip(MASK_PX_PER_TILE * max(record["width"], record["height"])
+                               / min(steps), THUMB_MIN, THUMB_MAX))  # fmt: skip
             thumb, scale = slide.thumbnail(size)
             pen = pen_mask(thumb)
             mask = tissue_mask(thumb, pen)
-            boxes = np.concatenate([xy, xy + step], axis=1) / scale
-            fractions = tissue_fractions(mask, boxes)
-            keep = fractions >= options.min_tissue
-            plan.xy, plan.fractions = xy[keep], fractions[keep]
-            plan.thumbnail_png = render_thumbnail(thumb, mask, pen, boxes[keep])
-        if len(xy) == 0:
+            n_grid, shown = 0, None
+            for grid, step in zip(grids, steps, strict=True):
+                n_grid += len(grid.xy)
+                boxes = np.concatenate([grid.xy, grid.xy + step], axis=1) / scale
+                fractions = tissue_fractions(mask, boxes)
+                keep = fractions >= options.min_tissue
+                grid.xy, grid.fractions = grid.xy[keep], fractions[keep]
+                shown = boxes[keep] if shown is None else shown  # outline the first µm/px
+            plan.grids = grids
+            plan.thumbnail_png = render_thumbnail(thumb, mask, pen, shown)
+        if n_grid == 0:
+            g = grids[0]
+            plan.status = "failed"
+            plan.reason = f"{path}: smaller than one tile ({g.read_size} px at level {g.level})"
+        elif plan.n_tiles == 0:
             plan.status = "failed"
             plan.reason = (
-                f"{path}: smaller than one tile ({plan.read_size} px at level {plan.level})"
-            )
-        elif len(plan.xy) == 0:
-            plan.status = "failed"
-            plan.reason = (
-                f"{path}: no tissue tiles (none of {len(xy)} tiles reaches "
+                f"{path}: no tissue tiles (none of {n_grid} tiles reaches "
                 f"min_tissue {options.min_tissue:g})"
             )
     except ScratchpathError as err:
@@ -238,7 +329,7 @@ def ingest(
     paths: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
-    mpp: float = 0.5,
+    mpp: float | Sequence[float] = 0.5,
     tile_size: int = 224,
     min_tissue: float = 0.5,
     workers: int = 1,
@@ -254,7 +345,8 @@ def ingest(
     Args:
         paths: slide files and/or directories (searched recursively for slide suffixes).
         out: store folder, created or appended to (tile_size and codec must match).
-        mpp: target µm per pixel of the stored tiles.
+        mpp: target µm per pixel of the stored tiles, or several (e.g. ``(0.25, 0.5, 1, 2)``),
+            all cut in one pass over each slide.
         tile_size: tile edge in pixels.
         min_tissue: keep tiles whose tissue fraction (from the thumbnail mask) is at least this.
         workers: processes that plan slides and read/encode tiles (1 = all in this process).
@@ -272,7 +364,8 @@ def ingest(
 
     from scratchpath.store import StoreWriter
 
-    if not mpp > 0:
+    mpps = tuple(dict.fromkeys(float(m) for m in np.atleast_1d(np.asarray(mpp, float))))
+    if not mpps or not all(m > 0 for m in mpps):
         raise ScratchpathError(f"mpp: must be positive, got {mpp}")
     if tile_size < 8:
         raise ScratchpathError(f"tile_size: must be at least 8, got {tile_size}")
@@ -283,68 +376,78 @@ def ingest(
     slides = select_shard(find_slides(paths), shard)
     if not slides:
         raise ScratchpathError(f"{', '.join(map(str, paths)) or 'paths'}: no slide files found")
-    options = TilingOptions(mpp, tile_size, min_tissue, assume_mpp)
+    options = TilingOptions(mpps[0] if len(mpps) == 1 else mpps, tile_size, min_tissue, assume_mpp)
     start = time.perf_counter()
     outcomes: list[dict] = []
     run_info = {
         "arguments": {"paths": [str(p) for p in paths], "out": str(out), "shard": shard,
                       "workers": workers, "codec": codec, "quality": quality, **asdict(options)},
-        "slides": outcomes,
+        "status": "running",
     }  # fmt: skip
     bar = tqdm(total=len(slides), unit="slide", disable=not (progress and sys.stderr.isatty()))
-    pool = _Inline() if workers == 1 else _spawn_pool(workers)
     with StoreWriter(out, tile_size=tile_size, codec=codec, quality=quality) as writer:
         root = Path(writer.path)
         (root / "thumbnails").mkdir(exist_ok=True)
-        complete, seen_ids = _committed(writer.path)
+        complete, seen_ids = _committed(writer)
+        pool = _Inline() if workers == 1 else _spawn_pool(workers, complete)
+        if workers == 1:
+            _set_complete(complete)
+        _write_atomic(root / "run.json", json.dumps(run_info, indent=1).encode())
+        log = open(root / "run.log.jsonl", "a")  # noqa: SIM115
+        log.write(json.dumps({"run_started": time.time(), **run_info}) + "\n")
         plans: deque[Future] = deque()
         todo = iter(slides)
+        n_tiles = 0
         try:
             for _ in range(workers + 1):
-                _submit_next_plan(pool, todo, options, complete, plans)
+                _submit_next_plan(pool, todo, options, plans)
             while plans:
                 plan: SlidePlan = plans.popleft().result()
-                _submit_next_plan(pool, todo, options, complete, plans)
+                _submit_next_plan(pool, todo, options, plans)
                 outcome = _ingest_one(pool, writer, plan, options, seen_ids, workers)
                 outcomes.append(outcome)
+                n_tiles += outcome["n_tiles"]
                 if outcome["status"] == "failed" and on_failure is not None:
                     on_failure(outcome["reason"])
                 bar.update(1)
-                bar.set_postfix(tiles=sum(o["n_tiles"] for o in outcomes))
-                run_info["status"] = "running"
-                _write_atomic(root / "run.json", json.dumps(run_info, indent=1).encode())
+                bar.set_postfix(tiles=n_tiles)
+                log.write(json.dumps(outcome) + "\n")  # O(1) per slide; the commit is durable
+                log.flush()
         finally:
             pool.shutdown(cancel_futures=True)
             bar.close()
-        report = IngestReport(
-            str(out), outcomes, sum(o["n_tiles"] for o in outcomes), time.perf_counter() - start
-        )
-        run_info.update(status="finished", summary=report.summary(), seconds=report.seconds)
+            log.close()
+            _set_complete(frozenset())
+        report = IngestReport(str(out), outcomes, n_tiles, time.perf_counter() - start)
+        run_info.update(status="finished", summary=report.summary(), seconds=report.seconds,
+                        slides=outcomes)  # fmt: skip
         _write_atomic(root / "run.json", json.dumps(run_info, indent=1).encode())
     return report
 
 
-def _spawn_pool(workers: int) -> ProcessPoolExecutor:
+def _spawn_pool(workers: int, complete: frozenset[str]) -> ProcessPoolExecutor:
     import multiprocessing
 
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_set_complete,
+        initargs=(complete,),
+    )
 
 
-def _committed(out: str | os.PathLike) -> tuple[frozenset[str], set[str]]:
-    """sha256 keys and slide ids of the slides already committed to the store."""
+def _committed(writer) -> tuple[frozenset[str], set[str]]:
+    """Fast identities and slide ids of the slides already committed to the store."""
     # Workers skip the tiling work of committed slides; the writer's is_complete is checked
     # again before writing (which also catches the same file listed twice in one run).
-    from scratchpath.store import PatchStore
-
-    with PatchStore(out) as store:
-        ok = [s for s in store.slides if s.get("status") == "ok"]
-    return frozenset(s["sha256"] for s in ok), {s["slide_id"] for s in ok}
+    ok = [s for s in writer.slides if s.get("status") == "ok"]
+    return frozenset(s["fast_id"] for s in ok if s.get("fast_id")), {s["slide_id"] for s in ok}
 
 
-def _submit_next_plan(pool, todo, options, complete, plans: deque) -> None:
+def _submit_next_plan(pool, todo, options, plans: deque) -> None:
     path = next(todo, None)
     if path is not None:
-        plans.append(pool.submit(plan_slide, str(path), options, complete))
+        plans.append(pool.submit(plan_slide, str(path), options, None))
 
 
 def _ingest_one(pool, writer, plan: SlidePlan, options, seen_ids: set, workers: int) -> dict:
@@ -352,11 +455,12 @@ def _ingest_one(pool, writer, plan: SlidePlan, options, seen_ids: set, workers: 
     record = dict(plan.record)
     outcome = {"source": plan.path, "slide_id": record["slide_id"], "n_tiles": 0}
     if plan.status == "skipped" or (
-        plan.status == "planned" and writer.is_complete(record["sha256"])
+        plan.status == "planned" and writer.is_complete(record.get("fast_id", "-"))
     ):
         return {**outcome, "status": "skipped", "reason": "already in the store"}
     if record["slide_id"] in seen_ids:  # same file name in two folders, or a changed file
-        record["slide_id"] = f"{record['slide_id']}-{record.get('sha256', '')[:8]}"
+        digest = record.get("fast_id", "").rsplit(":", 1)[-1]
+        record["slide_id"] = f"{record['slide_id']}-{digest[:8]}"
     seen_ids.add(record["slide_id"])
     outcome["slide_id"] = record["slide_id"]
     if plan.thumbnail_png:
@@ -364,40 +468,59 @@ def _ingest_one(pool, writer, plan: SlidePlan, options, seen_ids: set, workers: 
     if plan.status == "failed":
         writer.record_failure({"sha256": "", **record}, plan.reason)
         return {**outcome, "status": "failed", "reason": plan.reason}
-    record.update(level=plan.level, tile_mpp=plan.stored_mpp, target_mpp=options.mpp)
-    n_chunks = -(-len(plan.xy) // CHUNK_TILES)
-    pending: deque[tuple[Future, int]] = deque()
+    levels = _per_grid(plan.grids, lambda g: g.level)
+    tile_mpps = _per_grid(plan.grids, lambda g: g.stored_mpp)
+    record.update(level=levels, tile_mpp=tile_mpps, target_mpp=options.mpp)
+    if len(plan.grids) > 1:
+        record["tiles_per_mpp"] = {f"{g.target_mpp:g}": len(g.xy) for g in plan.grids}
+    # (grid, first tile) of every chunk: all µm/px of the slide, one after the other.
+    chunks = [(g, first) for g in plan.grids for first in range(0, len(g.xy), CHUNK_TILES)]
+    pending: deque[tuple[Future, Grid, int]] = deque()
     submitted = 0
+    # The one full read for the sha256, in the pool beside the tile reads.
+    sha256 = pool.submit(file_sha256, plan.path)
     slide_writer = writer.begin_slide(record)
     try:
-        while submitted < n_chunks or pending:
-            while submitted < n_chunks and len(pending) < 2 * workers:
-                xy = plan.xy[submitted * CHUNK_TILES : (submitted + 1) * CHUNK_TILES]
-                job = (read_tiles, plan.path, options, plan.level, plan.read_size, xy, writer.codec)
-                pending.append((pool.submit(*job), submitted))
+        while submitted < len(chunks) or pending:
+            while submitted < len(chunks) and len(pending) < 2 * workers:
+                grid, first = chunks[submitted]
+                xy = grid.xy[first : first + CHUNK_TILES]
+                job = (read_tiles, plan.path, options, grid.level, grid.read_size, xy, writer.codec)
+                pending.append((pool.submit(*job), grid, first))
                 submitted += 1
-            future, k = pending.popleft()
-            _add_chunk(slide_writer, future.result(), k * CHUNK_TILES, plan)
+            future, grid, first = pending.popleft()
+            _add_chunk(slide_writer, future.result(), first, grid)
+        record["sha256"] = sha256.result()
+        if writer.is_complete(record["sha256"]):  # the same bytes under another name or time
+            slide_writer.abort()
+            return {**outcome, "status": "skipped", "reason": "same content already in the store"}
+        slide_writer.update_record(sha256=record["sha256"])
         slide_writer.commit()
     except Exception as err:
         slide_writer.abort()
-        for future, _ in pending:
+        for future, _, _ in pending:
             future.cancel()
         reason = str(err) if isinstance(err, ScratchpathError) else f"{plan.path}: {err!r}"
         writer.record_failure(record, reason)
         return {**outcome, "status": "failed", "reason": reason}
-    return {**outcome, "status": "ok", "reason": "", "n_tiles": len(plan.xy),
-            "level": plan.level, "tile_mpp": plan.stored_mpp}  # fmt: skip
+    extra = {"tiles_per_mpp": record["tiles_per_mpp"]} if "tiles_per_mpp" in record else {}
+    return {**outcome, "status": "ok", "reason": "", "n_tiles": plan.n_tiles,
+            "level": levels, "tile_mpp": tile_mpps, **extra}  # fmt: skip
 
 
-def _add_chunk(slide_writer, blobs: list[bytes], first: int, plan: SlidePlan) -> None:
+def _per_grid(grids: list[Grid], value: Callable[[Grid], float]):
+    """One grid's value as is, several grids' as a list (the single-µm/px records unchanged)."""
+    return value(grids[0]) if len(grids) == 1 else [value(g) for g in grids]
+
+
+def _add_chunk(slide_writer, blobs: list[bytes], first: int, grid: Grid) -> None:
     n = len(blobs)
-    xy = plan.xy[first : first + n]
+    xy = grid.xy[first : first + n]
     slide_writer.add_encoded(
         blobs,
         x=xy[:, 0],
         y=xy[:, 1],
-        level=np.full(n, plan.level),
-        mpp=np.full(n, plan.stored_mpp),
-        tissue_fraction=plan.fractions[first : first + n],
+        level=np.full(n, grid.level),
+        mpp=np.full(n, grid.stored_mpp),
+        tissue_fraction=grid.fractions[first : first + n],
     )

@@ -6,6 +6,8 @@ import argparse
 import json
 from collections import Counter
 
+import numpy as np
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -38,9 +40,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def summarise(store) -> dict:
     """The summary of a :class:`~scratchpath.store.PatchStore` as a JSON-ready dict."""
-    ok = {s["sha256"] for s in store.slides if s["status"] == "ok"}
+
+    def key(slide: dict) -> str:  # failed slides carry a fast identity but no full sha256
+        return slide.get("fast_id") or slide["sha256"] or slide.get("source", "")
+
+    ok = {key(s) for s in store.slides if s["status"] == "ok"}
     # A slide that failed and later succeeded (a resumed run) counts as ok only.
-    failed = {s["sha256"] for s in store.slides if s["status"] == "failed"} - ok
+    failed = {key(s) for s in store.slides if s["status"] == "failed"} - ok
     n = len(store)
     classes = {}
     if store.labels is not None:
@@ -56,6 +62,7 @@ def summarise(store) -> dict:
         "classes": classes,
         "unlabelled_tiles": int((store.labels < 0).sum()) if store.labels is not None else n,
         "mpp": store.mpp,
+        "tiles_per_mpp": tiles_per_mpp(store.tiles["mpp"]),
         "tile_size": store.tile_size,
         "codec": store.codec,
         "bytes_per_tile": round(stored / n, 1) if n else None,
@@ -63,6 +70,18 @@ def summarise(store) -> dict:
         "format_version": store.format_version,
         "fingerprint": store.fingerprint,
     }
+
+
+def tiles_per_mpp(mpp: np.ndarray) -> dict[str, int]:
+    """Tiles per µm/px, the µm/px rounded to 2 significant digits (so that 0.499 and 0.5 µm/px
+    tiles of slides scanned at slightly different scales count together), finest first."""
+    if len(mpp) == 0:
+        return {}
+    values, counts = np.unique(np.asarray(mpp, np.float64), return_counts=True)
+    grouped: Counter = Counter()
+    for value, count in zip(values, counts, strict=True):
+        grouped[float(f"{value:.2g}")] += int(count)
+    return {f"{m:g}": grouped[m] for m in sorted(grouped)}
 
 
 def _text(summary: dict) -> str:
@@ -82,8 +101,13 @@ def _text(summary: dict) -> str:
     else:
         lines.append("classes        none (unlabelled)")
     mpp = summary["mpp"]
+    per_mpp = summary.get("tiles_per_mpp", {})
+    if len(per_mpp) > 1:
+        lines.append(f"µm/px          {len(per_mpp)} magnifications")
+        lines += [f"  {m:>6} µm/px  {n} tiles" for m, n in per_mpp.items()]
+    else:
+        lines.append(f"µm/px          {'unknown or mixed' if mpp is None else f'{mpp:.4g}'}")
     lines += [
-        f"µm/px          {'unknown or mixed' if mpp is None else f'{mpp:.4g}'}",
         f"tile size      {summary['tile_size']}",
         f"codec          {summary['codec']}",
         f"bytes/tile     {summary['bytes_per_tile']} ({summary['compression_ratio']}x smaller "

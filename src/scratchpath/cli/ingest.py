@@ -14,19 +14,23 @@ For each slide: the pyramid level at or just finer than --mpp is read and area-d
 --mpp (cut as is when within 5 %); a tissue mask on the thumbnail rejects glass, pen marks and
 specks; tiles with at least --min-tissue tissue are kept. The store records, per tile, the slide,
 level-0 x/y, level read, µm/px stored and tissue fraction; STORE/thumbnails/<slide>.png shows
-the mask and the kept tiles, STORE/run.json the arguments and each slide's outcome.
+the mask and the kept tiles, STORE/run.json the arguments and (once finished) each slide's
+outcome, STORE/run.log.jsonl one line per slide as it happens.
 
 Folders are searched recursively for whole-slide files (.svs, .tif, .tiff, .ome.tif, .ndpi,
 ...); PNG/JPEG images are ingested only when named explicitly.
 
-Re-running the same command resumes an interrupted run: slides already in the store (same
-sha256) are skipped, and a slide's tiles appear only once it is complete. A slide that fails is
+Re-running the same command resumes an interrupted run: slides already in the store are
+skipped without being read again (same size, mtime and first/last MiB; the full sha256 of each
+slide is recorded once, while its tiles are read), and a slide's tiles appear only once it is
+complete. A slide that fails is
 reported on one line and the others still ingest; the exit status is then 1."""
 
 EPILOG = """\
 examples:
   scratchpath ingest slides/ --out cohort.zarr
   scratchpath ingest a.svs b.ome.tif --out cohort.zarr --mpp 1.0 --tile-size 256 --workers 8
+  scratchpath ingest slides/ --out multi.zarr --mpp 0.25 0.5 1 2   # four magnifications
   scratchpath ingest regions/*.png --out regions.zarr --assume-mpp 0.5 --min-tissue 0.8
   # SLURM array, one store per task (open them together with PatchStore(a, b, ...)):
   scratchpath ingest slides/ --out cohort-$SLURM_ARRAY_TASK_ID.zarr \\
@@ -58,7 +62,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, metavar="STORE", help="store to create or extend")
     parser.add_argument(
-        "--mpp", type=float, default=0.5, metavar="X", help="µm per pixel of the tiles (0.5)"
+        "--mpp",
+        type=float,
+        nargs="+",
+        default=[0.5],
+        metavar="X",
+        help="µm per pixel of the tiles (0.5); several (--mpp 0.25 0.5 1 2) are cut in one pass "
+        "over each slide into the same store",
     )
     parser.add_argument("--tile-size", type=int, default=224, metavar="N", help="tile edge (224)")
     parser.add_argument(
@@ -84,7 +94,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--codec",
         default="jpeg",
-        help="tile codec: jpeg[:QUALITY] (lossy, default), zstd[:LEVEL] or webp (lossless)",
+        help="tile codec: jpeg[:QUALITY[:444|420]] (lossy, default jpeg:90:444, no chroma "
+        "subsampling), zstd[:LEVEL] or webp (lossless)",
     )
     parser.add_argument(
         "--quality", type=int, default=90, metavar="Q", help="JPEG quality 1..100 (90)"
@@ -102,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     report = ingest(
         args.slides,
         args.out,
-        mpp=args.mpp,
+        mpp=args.mpp[0] if len(args.mpp) == 1 else tuple(args.mpp),
         tile_size=args.tile_size,
         min_tissue=args.min_tissue,
         workers=args.workers,

@@ -157,6 +157,9 @@ class PatchDataModule(L.LightningDataModule):
         drop_last: every device gets the same number of full batches; True drops the leftover
             tiles of an epoch, False pads with repeated tiles instead.
         prefetch_factor: batches each worker loads ahead.
+        mpp_weights: ``{µm/px: weight}`` for stores cut at several µm/px (``ingest --mpp 0.25
+            0.5 1 2``): the share of each magnification in an epoch, e.g. ``{0.25: 1, 0.5: 1,
+            1.0: 1, 2.0: 1}``; deterministic per (seed, epoch). None: every tile once per epoch.
     """
 
     def __init__(
@@ -173,6 +176,7 @@ class PatchDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         drop_last: bool = True,
         prefetch_factor: int = 2,
+        mpp_weights: dict[float, float] | None = None,
     ) -> None:
         super().__init__()
         if not stores:
@@ -224,6 +228,7 @@ class PatchDataModule(L.LightningDataModule):
             max_tiles_per_slide=hp.max_tiles_per_slide,
             min_tissue=hp.min_tissue,
             drop_last=hp.drop_last,
+            mpp_weights=hp.mpp_weights,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -353,6 +358,8 @@ class PatchDataModule(L.LightningDataModule):
             "max_tiles_per_slide": hp.max_tiles_per_slide,
             "min_tissue": hp.min_tissue,
             "drop_last": hp.drop_last,
+            # Only when set, so that checkpoints from before the argument existed still resume.
+            **({"mpp_weights": dict(hp.mpp_weights)} if hp.get("mpp_weights") else {}),
         }
 
     def _apply_resume(self, sampler: DistributedBatchSampler, state: dict[str, Any]) -> None:

@@ -75,4 +75,5 @@ def split_store(
             f"--group-column: {store.paths[0]} has no tile column {group_column!r} "
             f"(columns: {sorted(store.tiles)})"
         )
-    return grouped_split(labels, store.tiles[group_column], test_fraction=test_fraction, seed=seed)
+    groups = store.tile_column(group_column)  # "group" codes decoded to their names
+    return grouped_split(labels, groups, test_fraction=test_fraction, seed=seed)

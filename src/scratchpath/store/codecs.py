@@ -1,10 +1,13 @@
 """Tile codecs: how one (H, W, 3) uint8 tile becomes bytes in a shard, and back.
 
-Measured on real 224×224 H&E tiles (one core, imagecodecs 2026.3): JPEG q90 (4:2:0) is 6.2×
-smaller than raw at 4.3k decodes/s and 41 dB PSNR; lossless codecs barely compress H&E
-(zstd 1.05× at 9.8k/s, PNG 1.33× at 1.0k/s, WebP-lossless 1.9× at 1.0k/s and 5 ms/tile to encode
-with method 0; 2.0× but 100 ms/tile with method 6). Hence the default ``jpeg:90``, with ``zstd``
-(fast, standard zarr codecs only) and ``webp[:method]`` (smallest lossless) as lossless choices.
+JPEG keeps full-resolution chroma by default (``jpeg:90:444``): in H&E the colour *is* the stain,
+and chroma subsampling (4:2:0, the JPEG default and the codec of format-1 stores, recorded there
+as plain ``jpeg:90``) caps the PSNR against the slide pixels at ~30 dB on CMU-1 whatever the
+quality, while 4:4:4 at q90 gives ~40 dB for 1.5× the bytes (``benchmarks/bench_codecs.py``
+measures both on the real slide). Lossless codecs barely compress H&E (zstd 1.05× at 9.8k/s,
+PNG 1.33× at 1.0k/s, WebP-lossless 1.9× at 1.0k/s and 5 ms/tile to encode with method 0; 2.0×
+but 100 ms/tile with method 6). Hence ``zstd`` (fast, standard zarr codecs only) and
+``webp[:method]`` (smallest lossless) as the lossless choices.
 
 Each codec is also a zarr v3 array->bytes codec, so ``zarr.open_group(store)["tiles"]`` decodes
 tiles with zarr itself once :func:`register_zarr_codecs` has run (PatchStore and StoreWriter call
@@ -30,9 +33,15 @@ if TYPE_CHECKING:
     from zarr.core.buffer import Buffer, NDBuffer
 
 CODEC_HELP = (
-    "jpeg[:QUALITY] (lossy, default jpeg:90), zstd[:LEVEL] (lossless, fast), "
+    "jpeg[:QUALITY[:444|422|420]] (lossy, default jpeg:90:444 = no chroma subsampling), "
+    "zstd[:LEVEL] (lossless, fast), "
     "webp[:METHOD] (lossless, 2x smaller, METHOD 0-6 trades encode time for size)"
 )
+JPEG_SUBSAMPLINGS = ("444", "422", "420")
+DEFAULT_SUBSAMPLING = "444"
+# What a stored codec name without a subsampling field means: format-1 stores wrote "jpeg:90"
+# with libjpeg's default 4:2:0.
+LEGACY_SUBSAMPLING = "420"
 
 
 @dataclass(frozen=True)
@@ -40,17 +49,31 @@ class TileCodec:
     """A picklable tile codec: ``encode(tile) -> bytes`` and ``decode(bytes) -> (H, W, 3)``.
 
     ``kind`` is ``"jpeg"``, ``"zstd"`` or ``"webp"``; ``level`` is the JPEG quality, the zstd
-    level or the WebP (lossless) method. ``tile_size`` is needed to reshape zstd's raw bytes.
+    level or the WebP (lossless) method; ``subsampling`` is the JPEG chroma subsampling
+    (``"444"``: none, ``"422"``, ``"420"``; empty for the lossless codecs). ``tile_size`` is
+    needed to reshape zstd's raw bytes.
     """
 
     kind: str
     level: int
     tile_size: int
+    subsampling: str = ""
 
     @classmethod
-    def parse(cls, spec: str, tile_size: int, quality: int = 90) -> TileCodec:
-        """Build a codec from ``"jpeg"``, ``"jpeg:85"``, ``"zstd"``, ``"zstd:9"`` or ``"webp"``."""
+    def parse(
+        cls,
+        spec: str,
+        tile_size: int,
+        quality: int = 90,
+        default_subsampling: str = DEFAULT_SUBSAMPLING,
+    ) -> TileCodec:
+        """A codec from ``"jpeg"``, ``"jpeg:85"``, ``"jpeg:90:420"``, ``"zstd:9"`` or ``"webp"``.
+
+        ``default_subsampling`` is used when a JPEG spec gives none: ``"444"`` for what a user
+        asks for, :data:`LEGACY_SUBSAMPLING` when reading the codec name of a format-1 store.
+        """
         kind, _, arg = spec.strip().lower().partition(":")
+        arg, _, subsampling = arg.partition(":")
         defaults = {"jpeg": quality, "zstd": 3, "webp": 0}
         if kind not in defaults:
             raise ScratchpathError(f"codec: unknown codec {spec!r}; choose {CODEC_HELP}")
@@ -58,17 +81,28 @@ class TileCodec:
             level = int(arg) if arg else defaults[kind]
         except ValueError:
             raise ScratchpathError(f"codec: bad level in {spec!r}; choose {CODEC_HELP}") from None
+        if kind == "jpeg":
+            subsampling = subsampling or default_subsampling
+            if subsampling not in JPEG_SUBSAMPLINGS:
+                raise ScratchpathError(
+                    f"codec: JPEG chroma subsampling must be one of {', '.join(JPEG_SUBSAMPLINGS)}"
+                    f", got {subsampling!r} in {spec!r}"
+                )
+        elif subsampling:
+            raise ScratchpathError(f"codec: only JPEG takes a subsampling field, got {spec!r}")
         if kind == "jpeg" and not 1 <= level <= 100:
             raise ScratchpathError(f"codec: JPEG quality must be 1..100, got {level}")
         if kind == "zstd" and not 1 <= level <= 22:
             raise ScratchpathError(f"codec: zstd level must be 1..22, got {level}")
         if kind == "webp" and not 0 <= level <= 6:
             raise ScratchpathError(f"codec: WebP method must be 0..6, got {level}")
-        return cls(kind=kind, level=level, tile_size=int(tile_size))
+        return cls(kind=kind, level=level, tile_size=int(tile_size), subsampling=subsampling)
 
     @property
     def name(self) -> str:
-        """Canonical name, e.g. ``"jpeg:90"``, ``"zstd:3"``, ``"webp:0"``."""
+        """Canonical name, e.g. ``"jpeg:90:444"``, ``"zstd:3"``, ``"webp:0"``."""
+        if self.kind == "jpeg":
+            return f"{self.kind}:{self.level}:{self.subsampling}"
         return f"{self.kind}:{self.level}"
 
     @property
@@ -82,7 +116,9 @@ class TileCodec:
             raise ValueError(f"tile must be {shape} uint8, got {tile.shape} {tile.dtype}")
         tile = np.ascontiguousarray(tile)
         if self.kind == "jpeg":
-            return bytes(imagecodecs.jpeg8_encode(tile, level=self.level))
+            return bytes(
+                imagecodecs.jpeg8_encode(tile, level=self.level, subsampling=self.subsampling)
+            )
         if self.kind == "zstd":
             return bytes(imagecodecs.zstd_encode(tile.tobytes(), level=self.level))
         return bytes(imagecodecs.webp_encode(tile, lossless=True, method=self.level))
@@ -108,7 +144,7 @@ class TileCodec:
         if self.kind == "zstd":
             return [BytesCodec(), ZstdCodec(level=self.level, checksum=False)]
         if self.kind == "jpeg":
-            return [JpegZarrCodec(quality=self.level)]
+            return [JpegZarrCodec(quality=self.level, subsampling=self.subsampling)]
         return [WebpZarrCodec(method=self.level)]
 
 
@@ -151,6 +187,7 @@ class JpegZarrCodec(_ImageZarrCodec):
 
     codec_name: ClassVar[str] = "scratchpath.jpeg"
     quality: int = 90
+    subsampling: str = LEGACY_SUBSAMPLING  # format-1 stores recorded no subsampling: 4:2:0
 
     @classmethod
     def from_dict(cls, data: dict[str, JSON]) -> Self:
@@ -158,10 +195,11 @@ class JpegZarrCodec(_ImageZarrCodec):
         return cls(**(config or {}))  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, JSON]:
-        return {"name": self.codec_name, "configuration": {"quality": self.quality}}
+        config = {"quality": self.quality, "subsampling": self.subsampling}
+        return {"name": self.codec_name, "configuration": config}
 
     def _tile_codec(self, tile_size: int) -> TileCodec:
-        return TileCodec("jpeg", self.quality, tile_size)
+        return TileCodec("jpeg", self.quality, tile_size, self.subsampling)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,11 @@ store.zarr/
                          `shard_size` tiles per shard (sharding_indexed, index at the end)
   tiles/c/<k>/0/0/0      shard k: encoded tiles, then (offset, nbytes) uint64 pairs + crc32c
   tables/zarr.json       zarr v3 group holding the committed tables (no arrays)
-  tables/seg-<first>-<count>.npz   one commit: `count` slide records from slide `first` on, with
-                         their tile rows and columns; written to a temp name and os.replace'd
+  tables/slides.jsonl    format 2: one line per committed slide (the commit point)
+  tables/tile/<col>.bin  format 2: one append-only column file per tile column, memory-mapped
+                         by readers (see :mod:`scratchpath.store.table`)
+  tables/seg-<first>-<count>.npz   format 1 only: `count` slide records from slide `first` on
+                         with their tile rows and columns (read, and migrated by a writer)
 ```
 
 Why a (rows, H, W, 3) image array with one tile per inner chunk rather than an array of
@@ -20,15 +23,20 @@ registered), while scratchpath's reader takes the same bytes straight from the s
 and 1.7× JPEG files + PIL; zarr-python's own reads of the same store are 5× slower per tile.
 1024 tiles per shard (~17 MB of JPEG tiles) keeps a million tiles in about a thousand files.
 
-Visibility rule: a tile exists only if a committed table segment lists it. A slide's tiles
-start on a fresh shard and committed shards are never rewritten, so a crash at any moment
-leaves uncommitted rows (ignored, cleaned on the next write) and never damages committed ones.
-``close()`` merges segments into one; a reader covers slides 0, 1, ... greedily with the
-longest segment starting at each position, so a crash during the merge is harmless too.
+Visibility rule: a tile exists only if a committed slide line (format 2) or table segment
+(format 1) lists it. A slide's tiles start on a fresh shard and committed shards are never
+rewritten, so a crash at any moment leaves uncommitted rows (ignored, cleaned on the next
+write) and never damages committed ones. Format 1 readers cover slides 0, 1, ... greedily with
+the longest segment starting at each position (a crash during a segment merge is harmless).
+
+Format history: 1 (npz table segments, JPEG with 4:2:0 chroma recorded as ``jpeg:Q``);
+2 (append-only memory-mapped columns, group codes; JPEG codec names carry their chroma
+subsampling, ``jpeg:Q:444``). Format-1 stores still open; a writer migrates one to format 2.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -40,7 +48,7 @@ import numpy as np
 
 from scratchpath.errors import ScratchpathError
 
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2
 VERSION_KEY = "scratchpath_format_version"
 TABLES = "tables"
 TILES = "tiles"
@@ -118,8 +126,16 @@ class Location:
             return (self.local / key).stat().st_size
         return int(self.fs.size(self._full(key)))
 
-    def read_range(self, key: str, start: int, stop: int) -> bytes:
+    def read_range(self, key: str, start: int, stop: int | None) -> bytes:
         return self.fs.cat_file(self._full(key), start=start, end=stop)
+
+    def read_ranges(self, keys: list[str], starts: list[int], stops: list[int | None]) -> list:
+        """Several byte ranges in one ``fs.cat_ranges`` call (concurrent requests on async
+        filesystems such as s3fs and gcsfs); a negative start counts from the end."""
+        if not keys:
+            return []
+        got = self.fs.cat_ranges([self._full(k) for k in keys], starts, stops, on_error="raise")
+        return [bytes(g) for g in got]
 
 
 def read_group_attrs(loc: Location) -> dict:
@@ -166,6 +182,38 @@ class Tables:
 
 def empty_columns(n: int = 0) -> dict[str, np.ndarray]:
     return {k: np.full(n, default, dtype) for k, (dtype, default) in TILE_COLUMNS.items()}
+
+
+def read_v1_table(loc: Location):
+    """A format-1 store's npz segments as a :class:`~scratchpath.store.table.TileTable` (in
+    memory: format-1 stores predate the memory-mapped table)."""
+    from scratchpath.store import table as tbl
+
+    old = read_tables(loc)
+    n_tiles = np.array([int(s["n_tiles"]) for s in old.slides], np.int64)
+    tile_start = np.concatenate([[0], np.cumsum(n_tiles)[:-1]]).astype(np.int64)
+    groups, codes = np.unique(np.asarray(old.columns["group"]).astype(str), return_inverse=True)
+    names = [""] + [str(g) for g in groups if g != ""]
+    remap = np.array([names.index(str(g)) for g in groups], np.int32)
+    columns = {}
+    for key, (dtype, _) in tbl.TABLE_DTYPES.items():
+        col = remap[codes.reshape(-1)] if key == "group" else old.columns[key]
+        columns[key] = np.asarray(col).astype(dtype)
+    digests = []
+    for start, n in zip(tile_start.tolist(), n_tiles.tolist(), strict=True):
+        h = hashlib.sha256()
+        for key in tbl.TABLE_DTYPES:
+            h.update(np.ascontiguousarray(columns[key][start : start + n]).tobytes())
+        digests.append(h.hexdigest())
+    return tbl.TileTable(
+        slides=old.slides,
+        columns=columns,
+        groups=names,
+        tile_start=tile_start,
+        row_start=np.array([int(s["row_start"]) for s in old.slides], np.int64),
+        n_tiles=n_tiles,
+        digests=digests,
+    )
 
 
 def read_tables(loc: Location) -> Tables:

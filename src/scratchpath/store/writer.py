@@ -1,9 +1,13 @@
 """Writing a patch store: atomic per slide, resumable after a crash at any moment.
 
 A slide's tiles go to fresh shards (shard files written once, to a temp name, fsync'ed and
-``os.replace``'d); ``commit`` then writes the slide's table segment the same way, and that
-rename is the commit point. Anything a killed process left behind (uncommitted shards, temp
-files) is ignored by readers and removed when a writer next opens the store.
+``os.replace``'d); ``commit`` then writes the slide's tile columns at the end of the column
+files and appends its line to ``tables/slides.jsonl`` (fsync'ed: the commit point). A commit
+costs O(its own tiles) whatever the store holds, and opening a store to append reads the slide
+lines only (O(slides), no tile column is read). Anything a killed process left behind
+(uncommitted shards, column tails, a torn line, temp files) is ignored by readers and removed
+when a writer next opens the store. A format-1 store is migrated to format 2 when a writer
+opens it (once, O(tiles)).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 from scratchpath.errors import ScratchpathError
 from scratchpath.files import atomic_write
 from scratchpath.store import layout
-from scratchpath.store.codecs import TileCodec, register_zarr_codecs
+from scratchpath.store import table as tbl
+from scratchpath.store.codecs import LEGACY_SUBSAMPLING, TileCodec, register_zarr_codecs
 
 _REQUIRED_RECORD = ("source", "slide_id", "sha256")
 
@@ -33,22 +38,15 @@ def _write_atomic(path: Path, data: bytes | None = None, arrays: dict | None = N
             f.write(data)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class StoreWriter:
     """Creates or appends to a patch store; one writing process per store (a lock enforces it).
 
     Args:
         path: store folder (created if missing) or a ``file://`` URL.
         tile_size: tile edge in pixels; every tile is (tile_size, tile_size, 3) uint8 RGB.
-        codec: ``"jpeg"`` (lossy, ``quality``), ``"jpeg:85"``, ``"zstd[:level]"`` or ``"webp"``
-            (lossless); see :mod:`scratchpath.store.codecs` for measured trade-offs.
+        codec: ``"jpeg"`` (lossy, ``quality``, no chroma subsampling), ``"jpeg:85"``,
+            ``"jpeg:90:420"`` (chroma subsampled: smaller, ~30 dB), ``"zstd[:level]"`` or
+            ``"webp"`` (lossless); see :mod:`scratchpath.store.codecs` for measured trade-offs.
         quality: JPEG quality when ``codec`` is plain ``"jpeg"``.
         class_names: names of labels 0..K-1 for a labelled store; empty for unlabelled.
         shard_size: tiles per shard file (a slide always starts a fresh shard).
@@ -74,6 +72,8 @@ class StoreWriter:
         self.codec = TileCodec.parse(codec, tile_size, quality)
         self.tile_size = int(tile_size)
         self.class_names = [str(c) for c in class_names]
+        if len(self.class_names) > np.iinfo(np.int16).max:
+            raise ScratchpathError(f"class_names: at most 32767 classes, got {len(class_names)}")
         self._lock_file = None
         if (self.path / "zarr.json").exists():
             attrs = layout.read_group_attrs(loc)
@@ -81,26 +81,40 @@ class StoreWriter:
             self.shard_size = int(attrs["shard_size"])
             if not self.class_names:
                 self.class_names = list(attrs.get("class_names", []))
+            self._lock()
+            if int(attrs[layout.VERSION_KEY]) < 2:
+                self._migrate(loc, attrs)
         else:
             if self.path.exists() and any(self.path.iterdir()):
                 raise ScratchpathError(f"{self.path}: exists, is not empty and is not a store")
             self.shard_size = int(shard_size)
             self._create()
-        self._lock()
-        self._tables = layout.read_tables(loc)
-        self._complete = {s["sha256"] for s in self._tables.slides if s["status"] == "ok"}
-        self._failed = {(s["sha256"], s["reason"]) for s in self._tables.slides}
-        self._next_row = self._ceil_shard(self._tables.end_row)
-        self._pending: list[tuple[dict, np.ndarray]] = []  # tile columns committed since open
+            self._lock()
+        self._table = tbl.TableAppender(self.path / layout.TABLES)
+        slides = self._table.table.slides
+        self._complete = {s["sha256"] for s in slides if s["status"] == "ok"}
+        self._complete |= {s["fast_id"] for s in slides if s["status"] == "ok" and "fast_id" in s}
+        self._failed = {(_identity(s), s["reason"]) for s in slides}
+        self._next_row = self._ceil_shard(self._table.table.end_row)
         self._active: SlideWriter | None = None
+        self._array = None  # the zarr array, opened at the first commit
         self._clean_uncommitted()
 
     # -- set-up -----------------------------------------------------------------------------
     def _check_matches(self, attrs: dict) -> None:
-        for field, mine in (("tile_size", self.tile_size), ("codec", self.codec.name)):
-            if attrs.get(field) != mine:
+        try:  # a stored JPEG name without subsampling is a format-1 store's 4:2:0
+            theirs_codec = TileCodec.parse(
+                str(attrs.get("codec")), self.tile_size, 90, LEGACY_SUBSAMPLING
+            ).name
+        except ScratchpathError:
+            theirs_codec = attrs.get("codec")
+        for field, mine, theirs in (
+            ("tile_size", self.tile_size, attrs.get("tile_size")),
+            ("codec", self.codec.name, theirs_codec),
+        ):
+            if theirs != mine:
                 raise ScratchpathError(
-                    f"{self.path}: {field} is {attrs.get(field)!r} in the store, not {mine!r}"
+                    f"{self.path}: {field} is {theirs!r} in the store, not {mine!r}"
                 )
         theirs = list(attrs.get("class_names", []))
         if self.class_names and self.class_names != theirs:
@@ -157,22 +171,46 @@ class StoreWriter:
             raise ScratchpathError(f"{self.path}: another process is writing this store") from None
 
     def _clean_uncommitted(self) -> None:
-        """Drop what a crashed writer left: shards past the committed rows and temp files."""
-        first_free_shard = self._next_row // self.shard_size
+        """Drop what a crashed writer left: shards past the committed rows and temp files.
+
+        A writer fills shards in order from the first free one, so probing upwards from it
+        finds them all: O(uncommitted shards), not a walk over every shard folder.
+        """
+        shard_root = self.path / layout.TILES / "c"
+        shard = self._next_row // self.shard_size
+        while (shard_root / str(shard)).exists():
+            _remove_tree(shard_root / str(shard))
+            shard += 1
+        for tmp in (self.path / layout.TABLES).glob(".*.tmp"):
+            _remove_tree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        for partial in (self.path / layout.TILES).glob("*.partial"):  # zarr's own temp files
+            partial.unlink(missing_ok=True)
+
+    def _migrate(self, loc: layout.Location, attrs: dict) -> None:
+        """Rewrite a format-1 store's npz segments as format-2 columns (once, O(tiles)).
+
+        The new table is complete on disk before ``zarr.json`` says format 2 (an atomic
+        rewrite); a crash before that leaves a format-1 store that migrates again.
+        """
+        import json
+
+        old = layout.read_v1_table(loc)
+        # Shards past the committed rows: uncommitted leftovers of a format-1 writer.
+        first_free_shard = self._ceil_shard(old.end_row) // self.shard_size
         shard_root = self.path / layout.TILES / "c"
         if shard_root.is_dir():
             for name in os.listdir(shard_root):
                 if name.isdigit() and int(name) >= first_free_shard:
                     _remove_tree(shard_root / name)
-        for folder in (self.path / layout.TABLES, shard_root):
-            if folder.is_dir():
-                for tmp in folder.rglob(".*.tmp"):
-                    tmp.unlink(missing_ok=True)
-        for partial in (self.path / layout.TILES).glob("*.partial"):  # zarr's own temp files
-            partial.unlink(missing_ok=True)
-        covered = set(self._tables.segments)
+            for tmp in shard_root.rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+        tbl.write_table(self.path / layout.TABLES, old)
+        meta = json.loads((self.path / "zarr.json").read_bytes())
+        meta["attributes"] = {**attrs, layout.VERSION_KEY: layout.STORE_FORMAT_VERSION,
+                              "codec": self.codec.name}  # fmt: skip
+        _write_atomic(self.path / "zarr.json", json.dumps(meta, indent=2).encode())
         for name in os.listdir(self.path / layout.TABLES):
-            if layout.SEGMENT_RE.match(name) and name not in covered:
+            if layout.SEGMENT_RE.match(name):
                 (self.path / layout.TABLES / name).unlink(missing_ok=True)
 
     def _ceil_shard(self, row: int) -> int:
@@ -180,7 +218,8 @@ class StoreWriter:
 
     # -- public API -------------------------------------------------------------------------
     def is_complete(self, slide_key: str) -> bool:
-        """True if a slide with this sha256 (of its source file) is already committed as ok."""
+        """True if a slide with this key (the sha256 of its source file, or its fast identity
+        ``fast_id``: size, mtime and the hash of its first and last MiB) is committed as ok."""
         return slide_key in self._complete
 
     def begin_slide(self, record: dict) -> SlideWriter:
@@ -199,20 +238,23 @@ class StoreWriter:
 
     def record_failure(self, record: dict, reason: str) -> None:
         """Add a slide with status "failed" and ``reason`` to the slide table (no tiles)."""
-        if (record.get("sha256"), reason) in self._failed:
+        if (_identity(record), str(reason)) in self._failed:
             return  # the same failure seen again on resume
         slide = {**_slide_defaults(record), "status": "failed", "reason": str(reason)}
-        slide.update(n_tiles=0, row_start=self._tables.end_row)
-        self._commit_segment([slide], layout.empty_columns(), np.zeros(0, np.int64))
+        slide.update(n_tiles=0, row_start=self._table.table.end_row)
+        self._commit(slide, tbl.empty_columns(), np.zeros(0, str))
+
+    @property
+    def slides(self) -> list[dict]:
+        """The committed slide records (read-only view)."""
+        return self._table.table.slides
 
     def close(self) -> None:
-        """Merge the table segments into one (faster opening) and release the lock."""
+        """Release the lock (an open slide is aborted). Nothing is merged or rewritten."""
         if self._lock_file is None:
             return
         if self._active is not None:
             self._active.abort()
-        if len(self._tables.segments) > 1:
-            self._merge_segments()
         self._lock_file.close()
         self._lock_file = None
 
@@ -228,50 +270,29 @@ class StoreWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(path, layout.build_shard(blobs, 0, self.shard_size))
 
-    def _commit_segment(self, slides: list[dict], columns: dict, rows: np.ndarray) -> None:
-        first = len(self._tables.slides)
+    def _commit(self, slide: dict, columns: dict, groups: np.ndarray) -> None:
+        """Append one slide (record + tile columns + group names) to the table: the commit."""
+        slide["slide_index"] = len(self._table.table.slides)
         columns = dict(columns)
-        for i, slide in enumerate(slides):
-            slide["slide_index"] = first + i
-        columns["slide_index"] = np.full(len(rows), first + len(slides) - 1, np.int64)
-        end_row = max(self._tables.end_row, *(s["row_start"] + s["n_tiles"] for s in slides))
-        self._grow_array(end_row)
-        name = layout.segment_name(first, len(slides))
-        arrays = layout.encode_segment(slides, columns, rows)
-        _write_atomic(self.path / layout.TABLES / name, arrays=arrays)  # the commit point
-        _fsync_dir(self.path / layout.TABLES)
-        t = self._tables
-        t.slides.extend(slides)
-        self._pending.append((columns, rows))  # concatenated only when merging (no O(N²))
-        t.segments.append(name)
-        for slide in slides:
-            self._failed.add((slide["sha256"], slide["reason"]))
-            if slide["status"] == "ok":
-                self._complete.add(slide["sha256"])
-        self._next_row = self._ceil_shard(t.end_row)
+        columns["slide_index"] = np.full(int(slide["n_tiles"]), slide["slide_index"], np.int32)
+        columns["group"], new_groups = self._table.group_codes(groups)
+        self._grow_array(max(self._table.table.end_row, slide["row_start"] + slide["n_tiles"]))
+        self._table.append(slide, columns, new_groups)
+        self._failed.add((_identity(slide), slide["reason"]))
+        if slide["status"] == "ok":
+            self._complete.add(slide["sha256"])
+            if "fast_id" in slide:
+                self._complete.add(slide["fast_id"])
+        self._next_row = self._ceil_shard(self._table.table.end_row)
 
     def _grow_array(self, end_row: int) -> None:
         """Keep the zarr array's shape covering every committed row (zarr writes it atomically)."""
         import zarr
 
-        array = zarr.open_array(str(self.path / layout.TILES), mode="r+")
-        if array.shape[0] < end_row:
-            array.resize((end_row, *array.shape[1:]))
-
-    def _merge_segments(self) -> None:
-        t = self._tables
-        parts = [(t.columns, t.rows), *self._pending]
-        t.columns = {k: layout.concat_column(k, [c[k] for c, _ in parts]) for k in t.columns}
-        t.rows = np.concatenate([r for _, r in parts])
-        self._pending = []
-        name = layout.segment_name(0, len(t.slides))
-        arrays = layout.encode_segment(t.slides, t.columns, t.rows)
-        _write_atomic(self.path / layout.TABLES / name, arrays=arrays)
-        _fsync_dir(self.path / layout.TABLES)
-        for old in t.segments:
-            if old != name:
-                (self.path / layout.TABLES / old).unlink(missing_ok=True)
-        t.segments = [name]
+        if self._array is None:
+            self._array = zarr.open_array(str(self.path / layout.TILES), mode="r+")
+        if self._array.shape[0] < end_row:
+            self._array.resize((end_row, *self._array.shape[1:]))
 
 
 class SlideWriter:
@@ -284,7 +305,7 @@ class SlideWriter:
         self._blobs: list[bytes] = []  # the shard being filled
         self._shards_written: list[int] = []
         self._n = 0
-        self._columns: dict[str, list[np.ndarray]] = {k: [] for k in layout.TILE_COLUMNS}
+        self._columns: dict[str, list[np.ndarray]] = {k: [] for k in _SLIDE_COLUMNS}
         self._done = False
 
     def add(self, tiles: np.ndarray, **columns: np.ndarray) -> None:
@@ -300,14 +321,18 @@ class SlideWriter:
         if self._done:
             raise RuntimeError("slide already committed or aborted")
         n = len(blobs)
-        unknown = set(columns) - (set(layout.TILE_COLUMNS) - {"slide_index"})
+        unknown = set(columns) - set(_SLIDE_COLUMNS)
         if unknown:
             raise TypeError(
                 f"unknown tile columns {sorted(unknown)} (slide_index is set by commit)"
             )
         checked = {}
-        for key, (dtype, default) in layout.TILE_COLUMNS.items():
+        for key, (dtype, default) in _SLIDE_COLUMNS.items():
             arr = np.asarray(columns.get(key, default))
+            if dtype.kind in "iu" and arr.size and arr.dtype.kind in "iuf":
+                info = np.iinfo(dtype)
+                if arr.min() < info.min or arr.max() > info.max:
+                    raise ValueError(f"column {key!r} must fit {dtype.name}")
             arr = arr.astype(str) if dtype.kind == "U" else arr.astype(dtype)
             if arr.ndim == 0:
                 arr = np.full(n, arr, arr.dtype)  # (a bare np.dtype(str) would truncate text)
@@ -333,19 +358,26 @@ class SlideWriter:
         self._shards_written.append(shard)
         self._blobs = []
 
+    def update_record(self, **fields: object) -> None:
+        """Change fields of the slide record before the commit (e.g. a hash computed while the
+        tiles were read)."""
+        if self._done:
+            raise RuntimeError("slide already committed or aborted")
+        self._record.update(fields)
+
     def commit(self) -> None:
         """Make the slide and all its tiles visible, atomically."""
         if self._done:
             raise RuntimeError("slide already committed or aborted")
         self._flush()
         columns = {
-            k: np.concatenate(v) if v else layout.empty_columns()[k]
+            k: np.concatenate(v) if v else np.zeros(0, _SLIDE_COLUMNS[k][0])
             for k, v in self._columns.items()
         }
         slide = {**_slide_defaults(self._record), "status": "ok", "reason": ""}
         slide.update(n_tiles=self._n, row_start=self._row_start)
-        rows = np.arange(self._row_start, self._row_start + self._n, dtype=np.int64)
-        self._store._commit_segment([slide], columns, rows)
+        groups = columns.pop("group")
+        self._store._commit(slide, columns, groups)
         self._finish()
 
     def abort(self) -> None:
@@ -371,6 +403,20 @@ class SlideWriter:
             self.commit()
         else:
             self.abort()
+
+
+# What SlideWriter.add takes per tile: the table columns except slide_index (set at commit),
+# with groups as names (coded into the store's group dictionary at commit).
+_SLIDE_COLUMNS: dict[str, tuple[np.dtype, object]] = {
+    **{k: v for k, v in tbl.TABLE_DTYPES.items() if k not in ("slide_index", "group")},
+    "group": (np.dtype(str), ""),
+}
+
+
+def _identity(record: dict) -> str:
+    """What identifies a slide's source for de-duplicating failures: the fast identity when
+    ingest recorded one (failed slides are never fully hashed), else the sha256."""
+    return str(record.get("fast_id") or record.get("sha256") or "")
 
 
 def _slide_defaults(record: dict) -> dict:
