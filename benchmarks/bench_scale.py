@@ -15,8 +15,11 @@ archive`` and run in its own process). Each figure is measured in a fresh proces
   record) for slides 1-10 and for slides 10,001-10,010 of a store prefilled with 10^4 slides;
   the old code's run record is its run.json with every outcome so far, rewritten per slide.
 
-Usage: ``python benchmarks/bench_scale.py [--sizes 1e7,1e8] [--old-sizes 1e7]``. The 10^8 table
-is 3.2 GB on disk (format 2); the format-1 baseline is run at 10^7 only (~26 GB of RAM at 10^8).
+- **many stores**: 10^3 format-2 stores (10^4 tiles each) opened as one ``PatchStore``.
+
+Usage: ``python benchmarks/bench_scale.py [--sizes 1e7,1e8] [--old-sizes 1e7] [--stores 1000]``.
+The 10^8 table is 3.2 GB on disk (format 2); the format-1 baseline is run at 10^7 only (~26 GB
+of RAM at 10^8).
 Last line: ``scale: B bytes/tile, plan P s at 1e8, ingest slide 10000/1 = R``.
 """
 
@@ -40,9 +43,9 @@ SHARD = 1024
 
 
 # -- synthetic tables -------------------------------------------------------------------------
-def _slide_sizes(n: int) -> np.ndarray:
-    sizes = np.full(N_SLIDES, n // N_SLIDES, np.int64)
-    sizes[: n % N_SLIDES] += 1
+def _slide_sizes(n: int, n_slides: int = N_SLIDES) -> np.ndarray:
+    sizes = np.full(n_slides, n // n_slides, np.int64)
+    sizes[: n % n_slides] += 1
     return sizes
 
 
@@ -66,19 +69,19 @@ def _group_attrs(path: Path, version: int, codec: str) -> None:
 
 def _column_chunks(sizes: np.ndarray, chunk: int = 10_000_000):
     """(first, slide_index, tissue_fraction) in chunks, so 10^8 tiles never sit in memory."""
-    slide_of = np.repeat(np.arange(N_SLIDES, dtype=np.int32), sizes)
+    slide_of = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
     rng = np.random.default_rng(0)
     for first in range(0, len(slide_of), chunk):
         part = slide_of[first : first + chunk]
         yield first, part, rng.random(len(part), np.float32)
 
 
-def write_new_table(path: Path, n: int) -> None:
+def write_new_table(path: Path, n: int, n_slides: int = N_SLIDES) -> None:
     """A format-2 store's table (slides.jsonl + column files) of n tiles, no shards."""
     from scratchpath.store import table as tbl
 
     _group_attrs(path, 2, "jpeg:90:444")
-    sizes = _slide_sizes(n)
+    sizes = _slide_sizes(n, n_slides)
     folder = path / "tables" / tbl.TILE_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     files = {k: open(folder / f"{k}.bin", "wb") for k in tbl.TABLE_DTYPES}  # noqa: SIM115
@@ -152,6 +155,26 @@ def child_table(path: str, n: int, shuffle: str) -> dict:
             "private_b": private / n, "rss_b": rss / n}  # fmt: skip
 
 
+def child_many(root: str, n: int) -> dict:
+    """Open 10^3 shard stores as one: first (builds the merged table cache) and again."""
+    from scratchpath.data.sampling import DistributedBatchSampler
+    from scratchpath.store import PatchStore
+
+    paths = sorted(str(p) for p in Path(root).glob("shard-*.zarr"))
+    before = _memory()
+    t = time.perf_counter()
+    store = PatchStore(*paths)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    store = PatchStore(*paths)
+    again = time.perf_counter() - t
+    sampler = DistributedBatchSampler.from_store(store, batch_size=256, world_size=8)
+    next(iter(sampler))
+    private = _memory()["Anonymous"] - before["Anonymous"]
+    assert len(store) == n
+    return {"first_s": first, "again_s": again, "private_b": private / n, "stores": len(paths)}
+
+
 def child_ingest(path: str, old: bool) -> dict:
     """Seconds of per-slide bookkeeping for slides 1-10 (empty store) and 10,001-10,010."""
     import numpy as np
@@ -223,6 +246,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1e7,1e8")
     parser.add_argument("--old-sizes", default="1e7")
     parser.add_argument("--tmp", default=tempfile.gettempdir())
+    parser.add_argument("--stores", type=int, default=1000, help="shard stores opened as one")
+    parser.add_argument("--stores-tiles", type=int, default=10_000_000, help="their tiles in all")
     args = parser.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",") if s]
     old_sizes = [int(float(s)) for s in args.old_sizes.split(",") if s]
@@ -252,6 +277,16 @@ def main() -> None:
                 import shutil
 
                 shutil.rmtree(path)
+        if args.stores:
+            many = tmp / "many"
+            per_store = args.stores_tiles // args.stores
+            for k in range(args.stores):
+                write_new_table(many / f"shard-{k:04d}.zarr", per_store, n_slides=10)
+            os.environ["SCRATCHPATH_CACHE"] = str(tmp / "cache")
+            r = _child(["child_many", str(many), per_store * args.stores], new_src)
+            print(f"new {r['stores']} stores of {per_store} tiles opened as one: first "
+                  f"{r['first_s']:.1f} s (builds the merged cache), then {r['again_s']:.1f} s; "
+                  f"private {r['private_b']:.1f} B/tile", flush=True)  # fmt: skip
         ingest = {}
         for code in ("old", "new"):
             work = tmp / f"ingest-{code}"
@@ -264,6 +299,10 @@ def main() -> None:
                   f"{r['late_s'] * 1e3:.1f} ms (ratio {r['late_s'] / r['first_s']:.2f}); writer "
                   f"open {r['open_empty_s'] * 1e3:.0f} ms empty, "
                   f"{r['open_full_s'] * 1e3:.0f} ms at 10^4 slides", flush=True)  # fmt: skip
+    ratio = ingest["new"]["late_s"] / ingest["new"]["first_s"]
+    if not sizes:
+        print(f"scale: ingest slide 10000/1 = {ratio:.2f} (no table sizes asked)")
+        return
     top = max(sizes)
     plan = max(results[("new", top, s)]["plan_s"] for s in ("tile", "shard"))
     per_tile = max(results[("new", top, s)]["private_b"] for s in ("tile", "shard"))
@@ -275,7 +314,6 @@ def main() -> None:
                       f"{w['private_b']:.1f} ({o['private_b'] / max(w['private_b'], 1e-9):.0f}x "
                       f"less), open {o['open_s']:.2f} -> {w['open_s']:.2f} s, plan "
                       f"{o['plan_s']:.2f} -> {w['plan_s']:.3f} s")  # fmt: skip
-    ratio = ingest["new"]["late_s"] / ingest["new"]["first_s"]
     print(
         f"scale: {per_tile:.1f} bytes/tile, plan {plan:.2f} s at {top:.0e}, "
         f"ingest slide 10000/1 = {ratio:.2f}"

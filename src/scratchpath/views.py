@@ -256,6 +256,32 @@ class ViewGenerator:
             out += list(self.normalize(flat).view(count, batch, 3, size, size).unbind(0))
         return out
 
+    def augment_views(
+        self, views: list[torch.Tensor], generator: torch.Generator | None = None
+    ) -> list[torch.Tensor]:
+        """The device path's D4 and colour augmentations on views already cropped elsewhere
+        (µm-continuous fields of view, :mod:`scratchpath.data.fields`): ``n_views`` uint8 (or
+        float 0..255) (B, 3, h, w) batches -> float32 normalised views. No host sync."""
+        if len(views) != self.n_views:
+            raise ScratchpathError(f"views: expected {self.n_views} view batches, got {len(views)}")
+        out: list[torch.Tensor] = []
+        start = 0
+        for family in self._families:
+            count = len(family.colours)
+            crops = torch.cat([v.float() for v in views[start : start + count]])  # (V*B, 3, h, w)
+            start += count
+            batch = crops.shape[0] // count
+            g = generator or self._device_generator(crops.device)
+            per = _PerView(family.colours, batch, crops.device)
+            if per.any(lambda c: c.d4) and crops.shape[-1] == crops.shape[-2]:
+                elements = torch.randint(0, 8, (crops.shape[0],), generator=g, device=crops.device)
+                keep = per.where(lambda c: float(c.d4))
+                elements = elements * (int(keep) if isinstance(keep, float) else keep.long())
+                crops = augment.d4_torch(crops, elements)
+            flat = _colour_on_device(crops, per, g)
+            out += list(self.normalize(flat).view(count, batch, *flat.shape[1:]).unbind(0))
+        return out
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (or float 0..255) (B, 3, h, w) -> float32 ``(x / 255 - mean) / std``."""
         mean, inv_std = self._normalisation(x.device)

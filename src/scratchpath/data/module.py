@@ -39,6 +39,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from scratchpath.data.fields import FieldsOfView, FieldViewBatches, crop_fields
 from scratchpath.data.sampling import BatchRequest, DistributedBatchSampler, sample_seed
 from scratchpath.errors import ScratchpathError
 from scratchpath.store import PatchStore
@@ -160,6 +161,11 @@ class PatchDataModule(L.LightningDataModule):
         mpp_weights: ``{µm/px: weight}`` for stores cut at several µm/px (``ingest --mpp 0.25
             0.5 1 2``): the share of each magnification in an epoch, e.g. ``{0.25: 1, 0.5: 1,
             1.0: 1, 2.0: 1}``; deterministic per (seed, epoch). None: every tile once per epoch.
+        fields: µm-continuous views (:class:`~scratchpath.data.fields.FieldsOfView`): each
+            view's field of view drawn in µm and cut from the finest stored µm/px that covers
+            it; batches then also carry ``"view_mpp"`` (V, B). Its views replace the view
+            generator's crops; the generator still normalises them (and, with
+            ``device_augment``, applies its colour augmentation on the device).
     """
 
     def __init__(
@@ -177,6 +183,7 @@ class PatchDataModule(L.LightningDataModule):
         drop_last: bool = True,
         prefetch_factor: int = 2,
         mpp_weights: dict[float, float] | None = None,
+        fields: FieldsOfView | None = None,
     ) -> None:
         super().__init__()
         if not stores:
@@ -185,7 +192,13 @@ class PatchDataModule(L.LightningDataModule):
             raise ScratchpathError(f"num_workers: must be 0 or more, got {num_workers}")
         if not 0.0 <= min_tissue <= 1.0:
             raise ScratchpathError(f"min_tissue: must be within [0, 1], got {min_tissue}")
-        self.save_hyperparameters(ignore=["views"])
+        self.save_hyperparameters(ignore=["views", "fields"])
+        if fields is not None and fields.n_views != views.n_views:
+            raise ScratchpathError(
+                f"data.fields: {fields.n_views} views, but the view generator makes "
+                f"{views.n_views} (match n_global / n_local to it)"
+            )
+        self.fields = fields
         self.stores = [str(path) for path in stores]
         self.views = views
         self.worker_init_fn = limit_worker_threads
@@ -256,8 +269,14 @@ class PatchDataModule(L.LightningDataModule):
             # limit_worker_threads). The training process does no OpenCV work once workers
             # make the views, so one thread costs it nothing.
             cv2.setNumThreads(1)
+        seed = self.hparams.seed
+        dataset = (
+            ViewBatches(self.store, self.views, seed)
+            if self.fields is None
+            else FieldViewBatches(self.store, self.fields, seed)
+        )
         return _ResumableLoader(
-            ViewBatches(self.store, self.views, self.hparams.seed),
+            dataset,
             sampler=sampler,
             batch_size=None,  # the sampler yields whole batches
             num_workers=workers,
@@ -294,6 +313,10 @@ class PatchDataModule(L.LightningDataModule):
         """
         if not isinstance(batch, dict):
             return batch
+        if "field_tiles" in batch:  # fields.on_device: crop here
+            views = crop_fields(batch.pop("field_tiles"), batch.pop("field_source"),
+                                batch.pop("field_boxes"), self.fields.sizes)  # fmt: skip
+            batch = {**batch, "views": views}
         if "encoded" in batch or "tiles" in batch:
             device = batch["index"].device
             if "encoded" in batch:
@@ -303,6 +326,11 @@ class PatchDataModule(L.LightningDataModule):
             generator = torch.Generator(device=device)
             generator.manual_seed(self._device_seed if self._device_seed is not None else 0)
             return {**batch, "views": self.views.device_views(tiles, generator=generator)}
+        if "views" in batch and self.fields is not None and self.views.device_augment:
+            # µm fields are already cropped: the device path adds D4 and colour to them.
+            generator = torch.Generator(device=batch["views"][0].device)
+            generator.manual_seed(self._device_seed if self._device_seed is not None else 0)
+            return {**batch, "views": self.views.augment_views(batch["views"], generator)}
         if "views" in batch:
             return {**batch, "views": self.views.on_device(batch["views"])}
         return batch

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,7 +87,7 @@ class TileTable:
     digests: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.columns["x"])
+        return int(self.n_tiles.sum())
 
     @property
     def end_row(self) -> int:
@@ -140,14 +141,18 @@ def table_from_entries(
     for e in entries:
         groups.extend(e["table"]["new_groups"])
     n = sum(int(e["table"]["n_tiles"]) for e in entries)
-    out = {}
-    for key in TABLE_DTYPES:
-        col = columns[key]
-        if len(col) < n:
-            raise ScratchpathError(
-                f"{where}: tile column {key!r} holds {len(col)} of {n} committed tiles (damaged)"
-            )
-        out[key] = col[:n]
+    if isinstance(columns, LazyColumns):  # checked and cut to n when first mapped
+        out = columns
+    else:
+        out = {}
+        for key in TABLE_DTYPES:
+            col = columns[key]
+            if len(col) < n:
+                raise ScratchpathError(
+                    f"{where}: tile column {key!r} holds {len(col)} of {n} committed tiles "
+                    "(damaged)"
+                )
+            out[key] = col[:n]
     return TileTable(
         slides=slides,
         columns=out,
@@ -157,6 +162,38 @@ def table_from_entries(
         n_tiles=_per_slide(slides, "n_tiles"),
         digests=[str(e["table"]["sha256"]) for e in entries],
     )
+
+
+class LazyColumns(Mapping):
+    """A local store's columns, each memory-mapped on first access (opening 10^3 stores whose
+    merged table is cached maps none of theirs), checked to hold the ``n`` committed tiles."""
+
+    def __init__(self, folder: Path, n: int, where: str) -> None:
+        self._folder, self._n, self._where = folder, n, where
+        self._mapped: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        col = self._mapped.get(key)
+        if col is None:
+            if key not in TABLE_DTYPES:
+                raise KeyError(key)
+            dtype = TABLE_DTYPES[key][0]
+            path = self._folder / f"{key}.bin"
+            size = path.stat().st_size if path.exists() else 0
+            if size < self._n * dtype.itemsize:
+                raise ScratchpathError(
+                    f"{self._where}: tile column {key!r} holds {size // dtype.itemsize} of "
+                    f"{self._n} committed tiles (damaged)"
+                )
+            col = np.memmap(path, dtype, "r", shape=(self._n,)) if self._n else np.zeros(0, dtype)
+            self._mapped[key] = col
+        return col
+
+    def __iter__(self):
+        return iter(TABLE_DTYPES)
+
+    def __len__(self) -> int:
+        return len(TABLE_DTYPES)
 
 
 def map_columns(folder: Path) -> dict[str, np.ndarray]:
@@ -177,7 +214,8 @@ def read_local_table(tables: Path, where: str) -> TileTable:
     except FileNotFoundError:
         data = b""
     entries, _ = parse_slide_lines(data)
-    return table_from_entries(entries, map_columns(tables / TILE_FOLDER), where)
+    n = sum(int(e["table"]["n_tiles"]) for e in entries)
+    return table_from_entries(entries, LazyColumns(tables / TILE_FOLDER, n, where), where)
 
 
 def read_remote_table(loc, tables_key: str) -> TileTable:
@@ -307,8 +345,12 @@ class TableAppender:
         path = tables / SLIDES_FILE
         data = path.read_bytes() if path.exists() else b""
         entries, end = parse_slide_lines(data)
-        self.table = table_from_entries(entries, map_columns(tables / TILE_FOLDER), str(tables))
+        n = sum(int(e["table"]["n_tiles"]) for e in entries)
+        columns = LazyColumns(tables / TILE_FOLDER, n, str(tables))
+        self.table = table_from_entries(entries, columns, str(tables))
         self.n_tiles = len(self.table)
+        for key in TABLE_DTYPES:  # a killed writer may have left fewer bytes: damaged
+            columns[key]
         self._code_of = {name: code for code, name in enumerate(self.table.groups)}
         self.table.columns = {}  # the writer needs counts only: release the maps
         with open(path, "ab") as f:
