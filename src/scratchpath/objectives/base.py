@@ -233,6 +233,9 @@ class SSLObjective(L.LightningModule):
         self._start_nonfinite_copy()
         self._check_nonfinite(wait=True)
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [_NonFiniteFirst()]
+
     # --- the non-finite-loss stop, without a per-step host sync -------------------------------
     def _track_nonfinite(self, loss: torch.Tensor) -> None:
         """Remember (on the device) the first step whose loss is not finite."""
@@ -297,6 +300,18 @@ class SSLObjective(L.LightningModule):
             "config": _resolved_config(trainer),
             "git_sha": _git_sha(),
         }
+
+
+class _NonFiniteFirst(L.Callback):
+    """When the run fails for another reason (e.g. an evaluation callback choking on the NaN
+    weights a non-finite loss left before its check came round), look at the losses first and
+    name the non-finite step instead."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        if isinstance(pl_module, SSLObjective) and not isinstance(exception, ScratchpathError):
+            pl_module._check_nonfinite(wait=True)
+            pl_module._start_nonfinite_copy()
+            pl_module._check_nonfinite(wait=True)  # raises ScratchpathError naming the step
 
 
 def _resolved_config(trainer: L.Trainer) -> str | None:
