@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DATA   ?=
 OUT    ?= demo_output
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test lint format bench clean pretrain-cpu
 
 # The virtualenv is (re)built whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -19,6 +19,31 @@ venv: $(BIN)/.installed
 ## make demo [DATA=path/to/slides]: synthetic (or your) slides -> store -> pretrain -> export -> eval
 demo: venv
 	$(BIN)/scratchpath demo --out $(OUT) $(if $(DATA),--slides $(DATA),)
+
+## make pretrain-cpu [SHARED=../shared/data]: real H&E tiles -> stores -> recipes/cpu_pretrain.yaml
+## (<= 20 min on 2 CPU cores) -> runs/cpu_pretrain/export -> EBHI-Seg eval (5 case-grouped splits)
+SHARED ?= ../shared/data
+CPU_STORES := runs/cpu_stores
+pretrain-cpu: venv
+	$(BIN)/scratchpath import-tiles $(SHARED)/tiles/deeptexture_examples_unlabeled_256/unlabeled \
+	    --no-labels --out $(CPU_STORES)/deeptexture
+	$(BIN)/scratchpath import-tiles $(SHARED)/tiles/oral_oscc_224_unique --no-labels \
+	    --out $(CPU_STORES)/oral
+	$(BIN)/scratchpath import-tiles $(SHARED)/tiles/consep_patches_256 --no-labels \
+	    --out $(CPU_STORES)/consep
+	$(BIN)/scratchpath import-tiles $(SHARED)/tiles/lc25000_lung_224 --no-labels \
+	    --out $(CPU_STORES)/lc25000
+	$(BIN)/scratchpath ingest $(SHARED)/slides/CMU-1-Small-Region.svs \
+	    $(SHARED)/slides/TCGA-CR-7395-01A-01-TS1.svs --mpp 0.5 --assume-mpp 0.5 --no-progress \
+	    --out $(CPU_STORES)/slides
+	$(BIN)/scratchpath import-tiles $(SHARED)/tiles/ebhi_seg_colorectal_224 \
+	    --labels $(SHARED)/tiles/ebhi_seg_colorectal_224/labels.csv --group-column case_id \
+	    --out $(CPU_STORES)/ebhi
+	rm -rf runs/cpu_pretrain/checkpoints
+	$(BIN)/scratchpath fit --config recipes/cpu_pretrain.yaml
+	$(BIN)/scratchpath export runs/cpu_pretrain/checkpoints/last.ckpt --out runs/cpu_pretrain/export
+	$(BIN)/scratchpath eval --model runs/cpu_pretrain/export --data $(CPU_STORES)/ebhi \
+	    --split 0.4 --repeats 5 --out runs/cpu_pretrain/eval_ebhi
 
 ## make test: the whole test suite (what CI runs)
 test: venv

@@ -8,6 +8,9 @@ the same precision are trained two ways in this run:
 - baseline: a plain PyTorch loop calling the same ``objective.compute_loss(views)``, AdamW,
   ``backward``, ``step`` (and the same EMA update for objectives with a teacher).
 
+On a GPU it then trains the full-size DINOv2 ViT-S/14 and ViT-B/14 (``full_size_dinov2``) and
+prints their images/s and MFU in bf16.
+
 It prints images/s (all views counted) of both, their ratio (target: framework >= 0.95 of the
 baseline, i.e. <= 5 % overhead), the model FLOPs per image of one training step
 (``torch.utils.flop_counter.FlopCounterMode``: forward + backward of every view) and the
@@ -67,7 +70,7 @@ def make_batches(tiles: torch.Tensor, objective: str, n_batches: int, batch: int
         flip = x.flip(-1)
         if objective == "mae":
             views = [x]
-        elif objective == "dino":  # 2 global crops + 4 local crops at half the size
+        elif objective in ("dino", "dinov2"):  # 2 global crops + 4 local crops at half the size
             local = F.interpolate(x[..., : size // 2, : size // 2], size=size // 2)
             views = [x, flip, local, local.flip(-2), local.flip(-1), local.transpose(-1, -2)]
         else:
@@ -85,16 +88,27 @@ def build(objective: str, args: argparse.Namespace) -> L.LightningModule:
         embed_dim=args.embed_dim,
         num_heads=args.heads,
     )
-    if objective == "dino":
+    if objective in ("dino", "dinov2"):
         kwargs["dynamic_img_size"] = True
     extra = {
         "simclr": dict(proj_hidden_dim=512, proj_out_dim=128),
         "mocov3": dict(proj_hidden_dim=512, proj_out_dim=128),
         "dino": dict(out_dim=4096, hidden_dim=512, bottleneck_dim=128, freeze_last_layer_epochs=0),
+        "dinov2": dict(
+            out_dim=4096,
+            hidden_dim=512,
+            bottleneck_dim=128,
+            freeze_last_layer_epochs=0,
+            centering="sinkhorn_knopp",
+            koleo_weight=0.0,
+            kde_weight=0.05,
+        ),
         "mae": dict(decoder_dim=128, decoder_depth=2, decoder_heads=4),
     }[objective]
+    # DINOv2 runs its own ViT family (4 registers, LayerScale), shrunk by the same kwargs.
+    backbone = "vit_small_patch14_reg4_dinov2" if objective == "dinov2" else args.backbone
     return OBJECTIVES[objective](
-        backbone=args.backbone, backbone_kwargs=kwargs, lr=1e-4, warmup_epochs=0.0, **extra
+        backbone=backbone, backbone_kwargs=kwargs, lr=1e-4, warmup_epochs=0.0, **extra
     )
 
 
@@ -184,6 +198,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument(
+        "--dinov2-batch-size", type=int, default=64, help="per-GPU batch of the full-size DINOv2"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats, best kept")
     parser.add_argument(
         "--peak-tflops",
@@ -235,6 +252,50 @@ def main() -> None:
             f"{flops / len(batches[0]['views']) / 1e9:>10.3f} {rate:>14}"
         )
     print("ratio = framework / plain-PyTorch throughput (1.0 = no overhead; target >= 0.95)")
+    if device == "cuda" and "dinov2" in parsed.objectives:
+        full_size_dinov2(tiles, parsed, peak)
+
+
+DINOV2_FULL = {
+    "ViT-S/14": "vit_small_patch14_reg4_dinov2",
+    "ViT-B/14": "vit_base_patch14_reg4_dinov2",
+}
+
+
+def full_size_dinov2(tiles: torch.Tensor, args: argparse.Namespace, peak: float) -> None:
+    """On a GPU: the real DINOv2 ViT-S/14 and ViT-B/14 (2 x 224 + 8 x 98 px crops, 65,536
+    prototypes, Sinkhorn-Knopp, bf16) through the framework: images/s and MFU."""
+    batch = args.dinov2_batch_size
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(args.warmup + args.steps):
+        x = F.interpolate(tiles[torch.randint(len(tiles), (batch,), generator=g)], size=224)
+        local = F.interpolate(x[..., :112, :112], size=98)
+        views = [x, x.flip(-1)] + [local.roll(i, dims=-1) for i in range(8)]
+        batches.append({"views": [v.contiguous() for v in views], "index": torch.arange(batch)})
+    images = args.steps * batch * 10
+    print(f"DINOv2 full size, bf16, batch {batch} x (2 x 224 + 8 x 98 px), 65,536 prototypes")
+    print(f"{'model':<9} {'framework img/s':>16} {'plain img/s':>12} {'ratio':>6} {'MFU':>7}")
+    for label, backbone in DINOV2_FULL.items():
+
+        def model(backbone: str = backbone) -> L.LightningModule:
+            torch.manual_seed(0)
+            return OBJECTIVES["dinov2"](
+                backbone=backbone,
+                backbone_kwargs={"img_size": 224, "dynamic_img_size": True, "drop_path_rate": 0.1},
+                centering="sinkhorn_knopp", koleo_weight=0.0, kde_weight=0.05,
+                freeze_last_layer_epochs=0, lr=1e-4, warmup_epochs=0.0,
+            )  # fmt: skip
+
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            flops = flops_per_sample(model(), batches[0], "cuda")
+        plain_s = run_baseline(model(), batches, args, "cuda")
+        framework_s = run_framework(model(), batches, args, "cuda")
+        mfu = flops * args.steps * batch / framework_s / (peak * 1e12)
+        print(
+            f"{label:<9} {images / framework_s:>16.1f} {images / plain_s:>12.1f} "
+            f"{plain_s / framework_s:>6.3f} {100 * mfu:>6.1f}%"
+        )
 
 
 if __name__ == "__main__":

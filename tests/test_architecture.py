@@ -61,3 +61,19 @@ def test_module_imports_only_lower_layers(path: Path):
     module = _top_level_module(path)
     forbidden = _imported_modules(path) - ALLOWED[module] - {module, "errors", "files"}
     assert not forbidden, f"{path.relative_to(PACKAGE)} imports higher layers: {sorted(forbidden)}"
+
+
+OBJECTIVE_SOURCES = sorted((PACKAGE / "objectives").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", OBJECTIVE_SOURCES, ids=lambda p: p.name)
+def test_only_objectives_collectives_talks_to_torch_distributed(path: Path):
+    """Cross-rank code lives in objectives/collectives.py; losses and heads import it from there."""
+    imports = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imports.add(node.module)
+        elif isinstance(node, ast.Import):
+            imports.update(alias.name for alias in node.names)
+    distributed = {name for name in imports if name.startswith("torch.distributed")}
+    assert path.name == "collectives.py" or not distributed, f"{path.name}: {sorted(distributed)}"

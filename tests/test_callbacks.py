@@ -6,6 +6,7 @@ import csv
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -21,6 +22,7 @@ from scratchpath.callbacks import (
     Throughput,
 )
 from scratchpath.errors import ScratchpathError
+from scratchpath.finetune import split_store
 from scratchpath.store import PatchStore, import_tiles
 
 N_VIEWS = 3
@@ -80,6 +82,17 @@ def test_online_evaluation_split_keeps_groups_apart(lc25000_store: str) -> None:
     assert train_groups and test_groups and not train_groups & test_groups
 
 
+def test_online_evaluation_splits_as_scratchpath_eval_does(lc25000_store: str) -> None:
+    # one split function for online and offline figures: grouped and class-stratified
+    callback = OnlineEvaluation(lc25000_store, test_fraction=0.4, max_tiles=None, seed=3)
+    callback.setup(L.Trainer(logger=False), _TinyBackbones(), "fit")
+    train, test = split_store(PatchStore(lc25000_store), test_fraction=0.4, seed=3)
+    np.testing.assert_array_equal(callback._sides["train"][1], train)
+    np.testing.assert_array_equal(callback._sides["test"][1], test)
+    test_counts = np.bincount(np.asarray(PatchStore(lc25000_store).labels)[test], minlength=3)
+    assert (test_counts >= 10).all()  # stratified: every class on the test side
+
+
 def test_online_evaluation_reports_accuracy_and_rank_of_random_backbone(lc25000_store: str) -> None:
     callback = OnlineEvaluation(lc25000_store, linear_epochs=20, which="student")
     metrics = callback.evaluate(L.Trainer(logger=False), _TinyBackbones())
@@ -112,15 +125,21 @@ class _ViewBatches(Dataset):
 
 
 class _TinyObjective(L.LightningModule):
-    """A linear model trained on its views; ``signal_at_step`` sends a signal to this process."""
+    """A linear model trained on its views; ``signal_at_step`` sends a signal to this process
+    (on rank ``signal_rank`` only) in the first batch of that optimiser step."""
 
-    def __init__(self, signal_at_step: int | None = None, signum: int = signal.SIGUSR1) -> None:
+    def __init__(
+        self, signal_at_step: int | None = None, signum: int = signal.SIGUSR1, signal_rank: int = 0
+    ) -> None:
         super().__init__()
         self.backbone = nn.Linear(3 * 8 * 8, 4)
-        self.signal_at_step, self.signum = signal_at_step, signum
+        self.signal_at_step, self.signum, self.signal_rank = signal_at_step, signum, signal_rank
+        self._signalled = False
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self.global_step == self.signal_at_step:
+        due = self.global_step == self.signal_at_step and self.global_rank == self.signal_rank
+        if due and not self._signalled:
+            self._signalled = True
             os.kill(os.getpid(), self.signum)
         loss = sum(self.backbone(v.flatten(1)).pow(2).mean() for v in batch["views"])
         self.log("train/loss", loss)
@@ -130,18 +149,18 @@ class _TinyObjective(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def _trainer(root: Path, callbacks: list, max_steps: int = 6, **kwargs: object) -> L.Trainer:
-    return L.Trainer(
-        default_root_dir=root,
-        accelerator="cpu",
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=L.pytorch.loggers.CSVLogger(root, name="logs"),
-        log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+def _trainer(root: Path, callbacks: list, max_steps: int = 6, **kwargs: Any) -> L.Trainer:
+    options: dict[str, Any] = {
+        "logger": L.pytorch.loggers.CSVLogger(root, name="logs"),
+        "log_every_n_steps": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
         **kwargs,
-    )
+    }
+    return L.Trainer(
+        default_root_dir=root, accelerator="cpu", max_steps=max_steps, callbacks=callbacks,
+        **options,
+    )  # fmt: skip
 
 
 def _loader() -> DataLoader:
@@ -170,13 +189,44 @@ def test_preemption_signal_saves_last_checkpoint_and_stops(tmp_path: Path) -> No
     assert trainer.global_step == 4
 
 
-def test_preemption_on_sigterm_builds_on_lightning(tmp_path: Path) -> None:
+def test_sigterm_is_handled_like_sigusr1_at_a_batch_boundary(tmp_path: Path) -> None:
     callback = PreemptionCheckpoint()
     trainer = _trainer(tmp_path, [callback], max_steps=50)
-    with pytest.raises(SystemExit):  # Lightning's SIGTERMException, after our save
-        trainer.fit(_TinyObjective(signal_at_step=2, signum=signal.SIGTERM), _loader())
+    trainer.fit(_TinyObjective(signal_at_step=2, signum=signal.SIGTERM), _loader())  # no raise
     assert callback.received == signal.SIGTERM
     assert torch.load(callback.saved_path, weights_only=True)["global_step"] == 3
+    assert trainer.global_step == 3 and not trainer.received_sigterm
+
+
+def test_preemption_during_gradient_accumulation_saves_at_the_optimizer_step(
+    tmp_path: Path,
+) -> None:
+    """The signal lands in the first of two micro-batches: the save waits for the second, so a
+    resumed run never takes a step on half an accumulated batch."""
+    callback = PreemptionCheckpoint()
+    trainer = _trainer(tmp_path, [callback], max_steps=50, accumulate_grad_batches=2)
+    trainer.fit(_TinyObjective(signal_at_step=3), _loader())
+    checkpoint = torch.load(callback.saved_path, weights_only=True)
+    assert checkpoint["global_step"] == 4  # not 3: micro-batch 7 (of step 4) completed first
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+    assert progress["processed"] == 8  # a whole number of accumulations (resume starts at 8)
+
+
+def test_preemption_flag_check_interval_is_validated() -> None:
+    with pytest.raises(ScratchpathError, match="check_every_n_steps"):
+        PreemptionCheckpoint(check_every_n_steps=0)
+
+
+def test_ddp_ranks_stop_together_at_the_next_flag_check(tmp_path: Path) -> None:
+    """Only rank 1 is signalled (at step 3). The flag is all-reduced without blocking every 2
+    steps and read at the next check: both ranks save and stop at step 6."""
+    callback = PreemptionCheckpoint(check_every_n_steps=2)
+    trainer = _trainer(
+        tmp_path, [callback], max_steps=50, strategy="ddp_spawn", devices=2, logger=False
+    )
+    trainer.fit(_TinyObjective(signal_at_step=3, signal_rank=1), _loader())
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6
 
 
 def test_training_end_writes_last_checkpoint(tmp_path: Path) -> None:

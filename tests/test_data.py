@@ -292,6 +292,7 @@ def test_describe_names_each_store_with_fingerprint_and_size(
         {"path": str(store_path), "fingerprint": store.fingerprint, "n_tiles": N_TILES}
     ]
     assert info["tile_size"] == 224 and info["mpp"] == pytest.approx(0.5)
+    assert info["input_size"] == 32  # the views' side: what export and eval resize tiles to
     assert tuple(info["mean"]) == tuple(_views().mean)
 
 

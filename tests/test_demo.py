@@ -34,6 +34,21 @@ def test_demo_prints_one_line_per_step(demo):
     steps = [line for line in stdout.splitlines() if line.startswith("[")]
     assert [line.split("]")[0] + "]" for line in steps] == [f"[{i}/8]" for i in range(1, 9)]
     assert "demo finished" in stdout
+    # closing lines: the one command for real tiles and what it measured
+    assert "on real H&E: make pretrain-cpu" in stdout
+    assert "EBHI" in stdout.split("on real H&E:")[1]
+
+
+@pytest.mark.slow
+def test_demo_shows_live_pretraining_progress_under_its_step(demo):
+    _, stdout = demo
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("[6/8] pretrain"))
+    below = lines[start + 1 : start + 5]  # --quick: 4 steps, a line each
+    assert [line.split("(")[0].strip() for line in below] == [f"step {i}/4" for i in range(1, 5)]
+    assert all(" loss " in line and " left " in line for line in below)
+    assert lines[start + 5].strip().startswith("final loss")
+    assert lines[start + 6].startswith("[7/8]")
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -158,6 +159,54 @@ def test_eval_of_an_export_uses_its_preprocessing_on_train_and_test_stores(small
     assert metrics["split"] is None and metrics["protocol"]["knn_k"] == 5
 
 
+def test_eval_of_a_cnn_export_probes_at_the_size_it_trained_at(small_stores, tmp_path):
+    # a CNN has no img_size: the size comes from the training views (data.input_size), not
+    # from the 32 px tiles of the labelled store
+    torch.manual_seed(0)
+    kwargs = {"channels": [8, 8, 16, 16]}
+    backbone = create_backbone("resnet10t", **kwargs)
+    data = {"mpp": 0.5, "tile_size": 224, "input_size": 24, "mean": [0.5] * 3, "std": [0.2] * 3}
+    torch.save(
+        {
+            "state_dict": {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+            "scratchpath": {"objective": "simclr", "backbone": "resnet10t",
+                            "backbone_kwargs": kwargs, "global_step": 1, "data": data},
+        },
+        tmp_path / "a.ckpt",
+    )  # fmt: skip
+    export_checkpoint(tmp_path / "a.ckpt", tmp_path / "model")
+    train, test = small_stores
+    metrics = run_evaluation(
+        str(tmp_path / "model"), tmp_path / "ev", train=str(train), test=str(test), k=5,
+        linear_epochs=5,
+    )  # fmt: skip
+    assert metrics["input_size"] == 24
+    larger = run_evaluation(
+        str(tmp_path / "model"), tmp_path / "ev64", train=str(train), test=str(test), k=5,
+        linear_epochs=5, input_size=64,
+    )  # fmt: skip
+    assert larger["input_size"] == 64  # a CNN may be probed larger when asked
+
+
+def test_eval_repeats_reports_the_mean_of_grouped_splits(lung_store, tmp_path, capsys):
+    argv = ["eval", "--model", *RANDOM_VIT, "--data", str(lung_store), "--split", "0.4",
+            "--repeats", "3", "--linear-epochs", "10", "--out", str(tmp_path / "ev")]  # fmt: skip
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["split"]["repeats"] == 3 and metrics["split"]["seeds"] == [0, 1, 2]
+    for result in metrics["results"].values():
+        for probe in ("knn", "linear"):
+            r = result[probe]
+            values = [split["balanced_accuracy"] for split in r["splits"]]
+            assert len(values) == 3
+            assert r["balanced_accuracy"] == pytest.approx(sum(values) / 3)
+            assert r["std"]["balanced_accuracy"] == pytest.approx(float(np.std(values)))
+    histogram = metrics["results"]["colour_histogram"]["linear"]["splits"]
+    assert len({round(split["accuracy"], 6) for split in histogram}) > 1  # different splits
+    assert "first of 3 grouped splits" in stdout and " ± " in stdout
+
+
 def test_model_kwargs_are_parsed_as_yaml_values():
     parsed = parse_kwargs(["img_size=64", "dynamic_img_size=true", "drop_path_rate=0.1"])
     assert parsed == {"img_size": 64, "dynamic_img_size": True, "drop_path_rate": 0.1}
@@ -172,6 +221,8 @@ def test_model_kwargs_are_parsed_as_yaml_values():
         (["--train", "x"], "both are needed"),
         (["--data", "{store}", "--group-column", "patient"], "no tile column 'patient'"),
         (["--data", "{store}", "--split", "0"], "test fraction"),
+        (["--train", "{store}", "--test", "{store}", "--repeats", "2"], "needs one --data"),
+        (["--data", "{store}", "--repeats", "0"], "must be >= 1"),
     ],
 )
 def test_eval_bad_arguments_exit_2_with_one_line(lung_store, tmp_path, capsys, extra, message):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import numpy as np
@@ -101,7 +104,7 @@ def test_student_export_holds_student_weights(tmp_path, real_tiles):
     export_checkpoint(tmp_path / "a.ckpt", tmp_path / "out", which="student")
     model = load_backbone(tmp_path / "out")
     _assert_same(model(real_tiles), _backbone(0).eval()(real_tiles))
-    assert load_config(tmp_path / "out")["weights"] == "student"
+    assert load_config(tmp_path / "out")["scratchpath"]["weights"] == "student"
 
 
 def test_teacherless_checkpoint_exports_student_by_default(tmp_path, real_tiles):
@@ -135,6 +138,13 @@ def test_compiled_module_prefixes_are_stripped(tmp_path, real_tiles):
     _assert_same(model(real_tiles), _backbone(1).eval()(real_tiles))
 
 
+def _assert_holds_exactly(model: torch.nn.Module, weights: Path) -> None:
+    """Strict: the model has every key of the file and no other (no head), with its values."""
+    exported = load_file(weights)
+    assert set(model.state_dict()) == set(exported)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.items())
+
+
 def test_plain_timm_loads_export_strictly_via_pretrained_cfg_overlay(exported, real_tiles):
     weights = exported / "model.safetensors"
     cfg = load_config(exported)
@@ -143,48 +153,103 @@ def test_plain_timm_loads_export_strictly_via_pretrained_cfg_overlay(exported, r
         pretrained=True,
         pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file=str(weights)),
         num_classes=0,
-        **KWARGS,
+        **cfg["model_args"],
     ).eval()
-    exported = load_file(weights)
-    assert set(model.state_dict()) == set(exported)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.items())
+    _assert_holds_exactly(model, weights)
     _assert_same(model(real_tiles), _backbone(1).eval()(real_tiles))
     assert list(timm.data.resolve_data_config(model=model)["mean"]) == MEAN
 
 
-def test_plain_timm_loads_export_with_file_only_overlay(exported, real_tiles):
-    weights = str(exported / "model.safetensors")
-    model = timm.create_model(
-        ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=weights), num_classes=0, **KWARGS
-    ).eval()
+def test_plain_timm_loads_export_by_checkpoint_path(exported, real_tiles):
+    weights = exported / "model.safetensors"
+    model = timm.create_model(ARCH, num_classes=0, checkpoint_path=str(weights), **KWARGS).eval()
+    _assert_holds_exactly(model, weights)
     _assert_same(model(real_tiles), _backbone(1).eval()(real_tiles))
 
 
-def test_config_records_preprocessing_and_provenance(exported):
+def test_config_is_a_timm_model_config_with_provenance_under_its_own_key(exported):
     cfg = json.loads((exported / "config.json").read_text())
-    assert cfg["architecture"] == ARCH and cfg["model_kwargs"] == KWARGS
-    assert cfg["input_size"] == [3, 32, 32] and cfg["mean"] == MEAN and cfg["std"] == STD
-    assert cfg["mpp"] == 0.5 and cfg["tile_size"] == 224
-    assert cfg["objective"] == "dino" and cfg["global_step"] == 7 and cfg["git_sha"] == "deadbeef"
-    assert cfg["stores"][0]["fingerprint"] == "abc123"
-    assert cfg["training_config"].startswith("model:")
-    assert cfg["num_features"] == 192 and cfg["weights"] == "teacher"
+    assert cfg["architecture"] == ARCH and cfg["model_args"] == KWARGS
+    assert cfg["num_classes"] == 0 and cfg["num_features"] == 192
+    pcfg = cfg["pretrained_cfg"]
+    timm.models.PretrainedCfg(**pcfg)  # every key is one timm knows
+    assert pcfg["input_size"] == [3, 32, 32] and pcfg["mean"] == MEAN and pcfg["std"] == STD
+    assert pcfg["num_classes"] == 0 and pcfg["interpolation"] == "bilinear"
+    assert pcfg["crop_pct"] == 1.0 and pcfg["crop_mode"] == "center"
+    assert "0.5 µm/px" in pcfg["description"] and pcfg["notes"][0].startswith("mpp=0.5")
+    prov = cfg["scratchpath"]
+    assert prov["mpp"] == 0.5 and prov["tile_size"] == 224 and prov["format_version"] == 2
+    assert prov["objective"] == "dino" and prov["global_step"] == 7
+    assert prov["git_sha"] == "deadbeef" and prov["weights"] == "teacher"
+    assert prov["stores"][0]["fingerprint"] == "abc123"
+    assert prov["training_config"].startswith("model:")
+    assert len(prov["source_checkpoint"]["sha256"]) == 64
+    assert not {"model_kwargs", "mean", "std", "mpp", "objective"} & set(cfg)  # format 1 keys
 
 
-def test_model_card_explains_loading_with_scratchpath_timm_and_eva(exported):
+def test_model_card_explains_loading_with_every_client(exported):
     card = (exported / "README.md").read_text()
-    for needle in ("load_backbone", "pretrained_cfg_overlay", "eva.vision.models.wrappers"):
+    assert card.startswith("---\nlibrary_name: timm\n")  # Hub front matter
+    for needle in ("load_backbone", "local-dir:", "checkpoint_path=", "AutoModel",
+                   "eva.vision.models.wrappers.TimmModel", "MODEL_EXTRA_KWARGS"):  # fmt: skip
         assert needle in card
     assert "0.5 µm/px" in card and "abc123" in card
 
 
-def test_model_card_timm_snippet_runs(exported, real_tiles):
-    card = (exported / "README.md").read_text()
-    blocks = [b.split("\n", 1)[1] for b in card.split("```")[1::2] if b.startswith("python")]
-    snippet = next(b for b in blocks if "timm.create_model" in b)
-    namespace: dict = {}
-    exec(snippet.replace("path/to/this/folder", str(exported)), namespace)
-    _assert_same(namespace["model"].eval()(real_tiles), _backbone(1).eval()(real_tiles))
+def _format_1_config(cfg: dict) -> dict:
+    """The config.json scratchpath wrote before format 2, from a current one."""
+    prov, pcfg = cfg["scratchpath"], cfg["pretrained_cfg"]
+    provenance = ("weights", "normalisation_source", "mpp", "tile_size", "objective",
+                  "global_step", "epoch", "stores", "training_config", "git_sha",
+                  "checkpoint_version", "source_checkpoint")  # fmt: skip
+    return {
+        "format": "scratchpath-backbone",
+        "format_version": 1,
+        "architecture": cfg["architecture"],
+        "model_kwargs": cfg["model_args"],
+        "num_features": cfg["num_features"],
+        "input_size": pcfg["input_size"],
+        "mean": pcfg["mean"],
+        "std": pcfg["std"],
+        **{k: prov[k] for k in provenance},
+        "scratchpath_version": "0.1.0",
+        "pretrained_cfg": {
+            "architecture": cfg["architecture"],
+            "tag": "scratchpath",
+            **{k: pcfg[k] for k in ("input_size", "interpolation", "crop_pct", "crop_mode")},
+            "mean": pcfg["mean"],
+            "std": pcfg["std"],
+            "num_classes": 0,
+            "description": "dino pretrained from scratch on H&E (scratchpath)",
+        },
+    }
+
+
+def test_format_1_export_still_loads(exported, tmp_path, real_tiles):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes((exported / "model.safetensors").read_bytes())
+    (old / "config.json").write_text(json.dumps(_format_1_config(load_config(exported))))
+    _assert_same(load_backbone(old)(real_tiles), _backbone(1).eval()(real_tiles))
+    cfg = load_config(old)
+    assert cfg["model_args"] == KWARGS and cfg["pretrained_cfg"]["mean"] == MEAN
+    assert cfg["scratchpath"]["mpp"] == 0.5 and cfg["scratchpath"]["format_version"] == 1
+    assert "architecture" not in cfg["pretrained_cfg"]
+
+
+@pytest.mark.parametrize(
+    ("umask", "folder", "file"), [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)]
+)
+def test_export_files_get_the_permissions_of_the_umask(tmp_path, umask, folder, file):
+    _checkpoint(tmp_path / "a.ckpt")
+    previous = os.umask(umask)
+    try:
+        out = export_checkpoint(tmp_path / "a.ckpt", tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == folder
+    for name in ("model.safetensors", "config.json", "README.md"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == file, name
 
 
 class Payload:
@@ -248,6 +313,27 @@ def test_features_only_returns_feature_maps(exported, real_tiles):
     assert [tuple(m.shape) for m in maps] == [(4, 192, 4, 4)] * 2
 
 
+def test_dense_gives_the_vit_patch_tokens_as_a_map(exported, real_tiles):
+    dense = load_backbone(exported, dense=True)(real_tiles)
+    teacher = _backbone(1).eval()
+    tokens = teacher.forward_features(real_tiles)[:, teacher.num_prefix_tokens :]  # (B, 16, D)
+    assert dense.shape == (4, 192, 4, 4)
+    _assert_same(dense.flatten(2).transpose(1, 2), tokens)
+
+
+def test_dense_gives_the_last_cnn_feature_map(tmp_path, real_tiles):
+    kwargs = {"channels": [8, 16, 24, 32]}
+    torch.manual_seed(3)
+    cnn = create_backbone("resnet10t", **kwargs).eval()
+    state = {f"backbone.{k}": v for k, v in cnn.state_dict().items()}
+    meta = {"objective": "simclr", "backbone": "resnet10t", "backbone_kwargs": kwargs}
+    torch.save({"state_dict": state, "scratchpath": meta}, tmp_path / "cnn.ckpt")
+    out = export_checkpoint(tmp_path / "cnn.ckpt", tmp_path / "out")
+    _assert_same(load_backbone(out, dense=True)(real_tiles), cnn.forward_features(real_tiles))
+    with pytest.raises(ScratchpathError, match="not both"):
+        load_backbone(out, dense=True, features_only=True)
+
+
 def test_export_refuses_to_replace_a_non_empty_folder_unless_asked(tmp_path):
     _checkpoint(tmp_path / "a.ckpt")
     (tmp_path / "out").mkdir()
@@ -267,7 +353,7 @@ def test_export_command_writes_a_loadable_folder(tmp_path, capsys):
     _checkpoint(tmp_path / "a.ckpt")
     code = main(["export", str(tmp_path / "a.ckpt"), "--out", str(tmp_path / "out")])
     assert code == 0 and "teacher" in capsys.readouterr().out
-    assert load_config(tmp_path / "out")["weights"] == "teacher"
+    assert load_config(tmp_path / "out")["scratchpath"]["weights"] == "teacher"
 
 
 def test_export_command_reports_bad_input_as_one_line(tmp_path, capsys):
@@ -308,7 +394,8 @@ def test_export_of_a_trained_dino_checkpoint_gives_its_teacher_and_student(tmp_p
     _assert_same(load_backbone(tmp_path / "teacher")(real_tiles_of(tiles_dir)), teacher)
     _assert_same(load_backbone(tmp_path / "student")(real_tiles_of(tiles_dir)), student)
     cfg = load_config(tmp_path / "teacher")
-    assert cfg["objective"] == "dino" and cfg["global_step"] == 3 and cfg["mean"] == MEAN
+    assert cfg["scratchpath"]["objective"] == "dino" and cfg["scratchpath"]["global_step"] == 3
+    assert cfg["pretrained_cfg"]["mean"] == MEAN
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -321,3 +408,51 @@ def test_every_objective_checkpoint_exports_its_backbone(name, tmp_path, real_ti
     expected = getattr(module, "teacher_backbone", module.backbone).eval()
     with torch.no_grad():
         _assert_same(load_backbone(tmp_path / "out")(real_tiles), expected(real_tiles))
+
+
+class FakeHub:
+    """Stands for huggingface_hub.HfApi: records what would be uploaded (no network)."""
+
+    calls: ClassVar[list] = []
+
+    def __init__(self, token=None, **kwargs) -> None:
+        self.token = token
+
+    def create_repo(self, repo_id, *, private, exist_ok, repo_type):
+        FakeHub.calls.append(("create_repo", repo_id, private, exist_ok, repo_type))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns, commit_message):
+        names = sorted(p.name for p in Path(folder_path).iterdir())
+        FakeHub.calls.append(("upload_folder", repo_id, names, sorted(allow_patterns)))
+        return type("CommitInfo", (), {"commit_url": f"https://hub.example/{repo_id}/commit/1"})()
+
+
+def test_export_command_pushes_the_folder_to_the_hub(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    FakeHub.calls = []
+    _checkpoint(tmp_path / "a.ckpt")
+    argv = ["export", str(tmp_path / "a.ckpt"), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--push-to-hub", "lab/he-dino", "--private"]) == 0
+    files = ["README.md", "config.json", "model.safetensors"]
+    assert FakeHub.calls == [
+        ("create_repo", "lab/he-dino", True, True, "model"),
+        ("upload_folder", "lab/he-dino", files, files),
+    ]
+    assert "hf-hub:lab/he-dino" in capsys.readouterr().out
+
+
+def test_push_to_hub_without_network_is_one_line_and_keeps_the_export(tmp_path, capsys):
+    import huggingface_hub.constants
+
+    _checkpoint(tmp_path / "a.ckpt")
+    argv = ["export", str(tmp_path / "a.ckpt"), "--out", str(tmp_path / "out")]
+    with pytest.MonkeyPatch.context() as patch:  # what HF_HUB_OFFLINE=1 sets
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        code = main([*argv, "--push-to-hub", "lab/he-dino"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: --push-to-hub: lab/he-dino: upload failed (")
+    load_backbone(tmp_path / "out")  # the local export is complete

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import signal
 import subprocess
@@ -22,7 +23,10 @@ from scratchpath.store import import_tiles
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-SMOKE = ["smoke_simclr", "smoke_mocov3", "smoke_dino", "smoke_mae"]
+SMOKE = ["smoke_simclr", "smoke_mocov3", "smoke_dino", "smoke_dinov2", "smoke_mae"]
+# RankMe of the DINOv2 smoke run's teacher after SMOKE_STEPS steps must stay above this: the
+# untrained network scores about 13 on these tiles, a collapsed one 1-2.
+DINOV2_RANKME_FLOOR = 8.0
 SMOKE_STEPS = 16
 
 
@@ -112,11 +116,13 @@ def test_smoke_recipe_loss_goes_down(smoke_run: tuple[str, Path]) -> None:
 
 
 def test_smoke_recipe_logs_online_evaluation(smoke_run: tuple[str, Path]) -> None:
-    _, run_dir = smoke_run
+    name, run_dir = smoke_run
     rows = [r for r in _metrics(run_dir) if r.get("online/knn_acc")]
     assert [int(r["step"]) for r in rows] == [SMOKE_STEPS - 1]  # at the last step
     assert 0.0 <= float(rows[0]["online/knn_acc"]) <= 1.0
     assert float(rows[0]["online/rankme"]) > 1.0
+    if name == "smoke_dinov2":
+        assert float(rows[0]["online/rankme"]) > DINOV2_RANKME_FLOOR  # no collapse
 
 
 def test_checkpoint_records_scratchpath_metadata_and_config(smoke_run: tuple[str, Path]) -> None:
@@ -238,7 +244,29 @@ def test_ddp_two_cpu_processes_train_and_checkpoint(workdir: Path) -> None:
     assert "global batch 16" in result.stderr  # 2 ranks x 8
 
 
-def test_sigterm_saves_checkpoint_and_resume_continues_at_its_step(workdir: Path) -> None:
+# What srun sets for a one-task job: Lightning then detects SLURM (SLURMEnvironment).
+FAKE_SLURM = {
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_JOB_NAME": "scratchpath-fit",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "localhost",
+}
+
+
+@pytest.mark.parametrize(
+    ("signum", "environment"),
+    [(signal.SIGTERM, {}), (signal.SIGUSR1, FAKE_SLURM)],
+    ids=["sigterm", "sigusr1-under-slurm"],
+)
+def test_signal_saves_checkpoint_and_resume_continues_at_its_step(
+    workdir: Path, signum: signal.Signals, environment: dict[str, str]
+) -> None:
+    """SIGUSR1 under SLURM is what `#SBATCH --signal=SIGUSR1@90` sends: with Lightning's
+    auto-requeue left on, Lightning would take it (hpc_ckpt, scontrol) instead of scratchpath."""
     recipe = str(RECIPES / "smoke_mae.yaml")
     process = subprocess.Popen(
         _fit_command(
@@ -248,6 +276,7 @@ def test_sigterm_saves_checkpoint_and_resume_continues_at_its_step(workdir: Path
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
+        env={**os.environ, **environment},
     )
     watchdog = threading.Timer(300, process.kill)
     watchdog.start()
@@ -255,13 +284,14 @@ def test_sigterm_saves_checkpoint_and_resume_continues_at_its_step(workdir: Path
         for line in process.stderr:  # the objective announces its first batch
             if "global batch" in line:
                 break
-        os.kill(process.pid, signal.SIGTERM)
+        os.kill(process.pid, signum)
         stderr = process.stderr.read()
         status = process.wait()
     finally:
         watchdog.cancel()
-    assert status == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "stopped by SIGTERM" in stderr
+    assert status == 128 + signum, stderr[-3000:]
+    assert f"stopped by {signal.Signals(signum).name}" in stderr
+    assert not list(workdir.rglob("hpc_ckpt_*.ckpt"))  # not Lightning's mid-step checkpoint
     last = workdir / "runs/smoke_mae/checkpoints/last.ckpt"
     stopped_at = torch.load(last, weights_only=True)["global_step"]
     assert stopped_at >= 1
@@ -284,3 +314,31 @@ def test_sigterm_saves_checkpoint_and_resume_continues_at_its_step(workdir: Path
     resumed = _losses(_metrics(workdir / "runs/smoke_mae", version=1))
     assert [step for step, _ in resumed] == [stopped_at, stopped_at + 1]
     assert torch.load(last, weights_only=True)["global_step"] == stopped_at + 2
+
+
+def test_progress_lines_show_step_total_loss_rate_and_time_left(workdir: Path) -> None:
+    stream = io.StringIO()
+    argv = ["--config", str(RECIPES / "smoke_mae.yaml"), "--trainer.max_steps", "4",
+            "--trainer.log_every_n_steps", "2"]  # fmt: skip
+    assert run_fit(argv, progress_stream=stream) == 0  # the recipe turns the bar off
+    lines = stream.getvalue().splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["step 2/4 (50%)", "step 4/4 (100%)"]
+    for line in lines:
+        fields = line.split("  ")
+        assert fields[1].startswith("loss ") and float(fields[1].split()[1]) > 0
+        assert fields[2].endswith(("steps/s", "s/step"))
+        assert fields[3].startswith("elapsed ") and fields[4].startswith("left ")
+    assert lines[-1].endswith("left 0:00")
+
+
+def test_progress_line_format() -> None:
+    from scratchpath.callbacks import ProgressLog
+
+    log = ProgressLog()
+    assert log.line(250, 1000, 1.23456, 125.0) == (
+        "step 250/1000 (25%)  loss 1.2346  2.00 steps/s  elapsed 2:05  left 6:15"
+    )
+    assert log.line(3, None, None, 30.0) == "step 3  10.00 s/step  elapsed 0:30"
+    assert log.line(10, 7200, 0.5, 3600.0).endswith(
+        "360.00 s/step  elapsed 1:00:00  left 719:00:00"
+    )

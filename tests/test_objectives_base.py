@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from objective_helpers import one_torch_thread  # noqa: F401
 from scratchpath.errors import ScratchpathError
-from scratchpath.objectives import DINO, MAE, OBJECTIVES, MoCoV3, SimCLR
+from scratchpath.objectives import DINO, MAE, OBJECTIVES, DINOv2, MoCoV3, SimCLR
 from scratchpath.objectives.optim import cosine_ramp, warmup_cosine
 
 TINY_VIT = {
@@ -161,7 +161,9 @@ def test_compile_keeps_state_dict_keys():
 
 
 def test_objectives_registry_names_match_classes():
-    assert {"simclr": SimCLR, "mocov3": MoCoV3, "dino": DINO, "mae": MAE} == OBJECTIVES
+    assert {
+        "simclr": SimCLR, "mocov3": MoCoV3, "dino": DINO, "dinov2": DINOv2, "mae": MAE,
+    } == OBJECTIVES  # fmt: skip
     assert all(cls.objective_name == name for name, cls in OBJECTIVES.items())
 
 

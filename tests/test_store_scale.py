@@ -267,3 +267,15 @@ def test_shard_starts_match_the_chunk_ids(tmp_path, real_tiles):
     expected = np.flatnonzero(np.r_[True, chunks[1:] != chunks[:-1]])
     np.testing.assert_array_equal(both.shard_starts(), expected)
     assert expected.tolist() == [0, 8, 10, 18, 19]
+
+
+def test_unwritable_cache_falls_back_to_an_in_memory_merge(tmp_path, real_tiles, monkeypatch):
+    for name in "ab":
+        _write(tmp_path / f"{name}.zarr", real_tiles[:8], slides=2)
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setattr(tbl, "IN_MEMORY_TILES", 0)
+    monkeypatch.setenv("SCRATCHPATH_CACHE", str(tmp_path / "not-a-folder" / "cache"))
+    with pytest.warns(UserWarning, match="in memory"):
+        both = PatchStore(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    assert both.tiles["slide_index"].tolist() == np.repeat(np.arange(4), 4).tolist()
+    np.testing.assert_array_equal(both.read([0, 15]), real_tiles[[0, 7]])

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import lightning as L
 import numpy as np
@@ -24,14 +24,25 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from scratchpath.errors import ScratchpathError
-from scratchpath.finetune import extract_features, knn_eval, linear_probe_eval, rankme
+from scratchpath.finetune import (
+    extract_features,
+    grouped_split,
+    knn_eval,
+    linear_probe_eval,
+    rankme,
+)
 
-__all__ = ["AtomicCheckpointIO", "OnlineEvaluation", "PreemptionCheckpoint", "Throughput"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "OnlineEvaluation",
+    "PreemptionCheckpoint",
+    "ProgressLog",
+    "Throughput",
+]
 
 
 class OnlineEvaluation(L.Callback):
@@ -48,8 +59,9 @@ class OnlineEvaluation(L.Callback):
     Args:
         train_store: labelled patch store for the probe's training side.
         test_store: labelled store to score on; if None, ``test_fraction`` of ``train_store`` is
-            held out, whole groups at a time when the store has groups (e.g. a slide or a
-            source image), so near-duplicate tiles never straddle the split.
+            held out by :func:`~scratchpath.finetune.grouped_split` (whole groups at a time, e.g.
+            a slide or a source image, stratified by class; the split ``scratchpath eval``
+            makes with the same seed), so near-duplicate tiles never straddle the split.
         test_fraction: held-out fraction when ``test_store`` is None.
         every_n_steps: evaluate when ``global_step`` is a multiple of this (and at the last step).
         k: neighbours of the kNN vote.
@@ -57,7 +69,8 @@ class OnlineEvaluation(L.Callback):
         linear_epochs: epochs of the linear probe on cached features.
         max_tiles: cap on the tiles used per side (a seeded, class-stratified-by-chance sample).
         input_size: resize tiles to this side before the backbone (None: the ``img_size`` of a
-            ViT backbone when it has a fixed one, else the tiles as stored).
+            ViT backbone when it has a fixed one, else the side of the training views, else
+            the tiles as stored).
         which: ``"teacher"`` probes the EMA teacher when the objective has one, else the
             online backbone; ``"student"`` always the online backbone.
         batch_size: tiles per forward pass.
@@ -107,7 +120,13 @@ class OnlineEvaluation(L.Callback):
         rng = np.random.default_rng(self.seed)
         train = _labelled_store(PatchStore(self.train_store), "train_store")
         if self.test_store is None:
-            train_idx, test_idx = _group_split(train, self.test_fraction, rng)
+            # the split of `scratchpath eval --data` (grouped, class-stratified, same seed), so
+            # online and offline figures come from the same tiles
+            has_groups = "group" in train.tiles
+            groups = train.tile_column("group") if has_groups else np.full(len(train), "")
+            train_idx, test_idx = grouped_split(
+                np.asarray(train.labels), groups, test_fraction=self.test_fraction, seed=self.seed
+            )
             test = train
         else:
             test = _labelled_store(PatchStore(self.test_store), "test_store")
@@ -136,7 +155,7 @@ class OnlineEvaluation(L.Callback):
             self.setup(trainer, pl_module, "fit")
         backbone = _probe_backbone(pl_module, self.which)
         mean, std = _normalisation(trainer)
-        input_size = self.input_size or _fixed_input_size(backbone)
+        input_size = self.input_size or _fixed_input_size(backbone) or _training_input_size(trainer)
         features = {}
         with trainer.precision_plugin.forward_context():
             for name, (store, idx, _) in self._sides.items():
@@ -168,19 +187,6 @@ def _labelled_store(store: Any, field: str) -> Any:
     return store
 
 
-def _group_split(
-    store: Any, test_fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out ``test_fraction`` of the tiles, by whole group when the store has groups."""
-    groups = np.asarray(store.tile_column("group"), dtype=str)  # codes -> names
-    if (groups == "").all():
-        groups = np.arange(len(store)).astype(str)
-    unique = rng.permutation(np.unique(groups))
-    held_out = unique[: max(1, round(test_fraction * len(unique)))]
-    is_test = np.isin(groups, held_out)
-    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
-
-
 def _probe_backbone(pl_module: L.LightningModule, which: str) -> nn.Module:
     teacher = getattr(pl_module, "teacher_backbone", None)
     if which == "teacher" and isinstance(teacher, nn.Module):
@@ -196,6 +202,12 @@ def _normalisation(trainer: L.Trainer) -> tuple[tuple[float, ...], tuple[float, 
     from scratchpath.augment import HE_MEAN, HE_STD
 
     return tuple(HE_MEAN), tuple(HE_STD)
+
+
+def _training_input_size(trainer: L.Trainer) -> int | None:
+    """The side of the training views (what a CNN trained at), as ``scratchpath eval`` uses."""
+    views = getattr(trainer.datamodule, "views", None)
+    return getattr(views, "input_size", None)
 
 
 def _fixed_input_size(backbone: nn.Module) -> int | None:
@@ -259,6 +271,104 @@ class Throughput(L.Callback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
 
 
+class ProgressLog(L.Callback):
+    """One plain progress line every ``every_n_steps`` optimizer steps (and at least every
+    ``min_interval_s`` seconds), readable in a terminal, a log file or CI output alike::
+
+        step 25/50 (50%)  loss 7.8123  2.41 steps/s  elapsed 0:10  left 0:10
+
+    ``scratchpath fit`` adds it when the recipe turns Lightning's progress bar off (the smoke
+    recipes do). Rank zero only. Reads the loss once per printed line (one host sync every
+    ``every_n_steps`` steps, none in between); the rate is over the steps since training started
+    (or resumed), so ``left`` settles after the first lines.
+
+    Args:
+        every_n_steps: print every this many steps (None: the trainer's ``log_every_n_steps``,
+            coarsened so that a run of known length prints at most about 20 lines).
+        min_interval_s: also print when this long has passed since the last line, so slow steps
+            still show life; 0 disables it.
+        stream: where to write (default: ``sys.stderr`` at the time of each line).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        min_interval_s: float = 30.0,
+        stream: TextIO | None = None,
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ScratchpathError(f"every_n_steps: must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.min_interval_s = min_interval_s
+        self.stream = stream
+        self._start: float | None = None
+        self._start_step = 0
+        self._last_line = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._last_line = time.perf_counter()
+        self._start_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if not trainer.is_global_zero or self._start is None:
+            return
+        step, now = trainer.global_step, time.perf_counter()
+        total = _total_steps(trainer)
+        every = self.every_n_steps or _default_every(trainer, total)
+        due = step % every == 0 or step == total
+        late = self.min_interval_s > 0 and now - self._last_line >= self.min_interval_s
+        if step == self._start_step or not (due or late):
+            return
+        self._last_line = now
+        line = self.line(step, total, _loss_value(outputs), now - self._start)
+        print(line, file=self._out(), flush=True)
+
+    def line(self, step: int, total: int | None, loss: float | None, elapsed: float) -> str:
+        """The progress line for ``step`` of ``total`` after ``elapsed`` seconds."""
+        rate = (step - self._start_step) / elapsed if elapsed > 0 else 0.0
+        parts = [f"step {step}/{total} ({100 * step / total:.0f}%)" if total else f"step {step}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        parts.append(f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.2f} s/step")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if total and rate > 0:
+            parts.append(f"left {_clock((total - step) / rate)}")
+        return "  ".join(parts)
+
+    def _out(self) -> TextIO:
+        return self.stream if self.stream is not None else sys.stderr
+
+
+def _default_every(trainer: L.Trainer, total: int | None) -> int:
+    """``log_every_n_steps``, coarsened to at most ~20 lines over a run of known length."""
+    every = trainer.log_every_n_steps or 50
+    return max(every, -(-total // 20)) if total else every
+
+
+def _total_steps(trainer: L.Trainer) -> int | None:
+    """Optimizer steps the run will take (max_steps, else max_epochs x batches), None if open."""
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    try:
+        total = trainer.estimated_stepping_batches
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    return int(total) if total and total != float("inf") else None
+
+
+def _loss_value(outputs: Any) -> float | None:
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else None
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def _memory_metrics(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {"perf/max_cuda_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
@@ -299,75 +409,102 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class PreemptionCheckpoint(L.Callback):
     """Write a resumable ``last.ckpt`` when the job is told to stop, then stop cleanly.
 
-    On SIGTERM (spot/preemptible VMs, Kubernetes, ``scancel``) Lightning already sets
-    ``trainer.received_sigterm`` and raises ``SIGTERMException`` after the current batch; this
-    callback saves the checkpoint just before that, at the end of the batch. Other ``signals``
-    (SIGUSR1 by default, what ``#SBATCH --signal=SIGUSR1@90`` sends) set a flag checked at the end
-    of each batch, then ``trainer.should_stop`` ends the run after the save. Under SLURM with
-    Lightning's auto-requeue the requeue signal stays Lightning's (it writes ``hpc_ckpt_*.ckpt``,
-    requeues the job, and the requeued run resumes from it on its own).
+    Every signal in ``signals`` (SIGTERM: spot / preemptible VMs, Kubernetes, ``scancel``;
+    SIGUSR1: what ``#SBATCH --signal=SIGUSR1@90`` sends before the time limit or a preemption) is
+    handled the same way: the handler only sets a flag; the checkpoint is written by the training
+    loop at the end of a batch that completed an optimiser step, so it never lands in the middle
+    of a step or of a gradient accumulation, and its data position always agrees with
+    ``global_step``. Then ``trainer.should_stop`` ends the run and ``scratchpath fit`` exits with
+    ``128 + signal``; ``recipes/slurm_train.sbatch`` requeues the job on that status and the
+    requeued run resumes from ``last.ckpt``. Lightning's own SIGTERM handling (an exception
+    before the next batch, a collective inside the handler) and SLURM auto-requeue (a checkpoint
+    written inside the signal handler, mid-step) are replaced; ``scratchpath fit`` turns
+    auto-requeue off under SLURM. A hand-built Trainer that keeps Lightning's auto-requeue keeps
+    its requeue signal.
 
-    The decision is all-reduced across ranks, so every rank saves and stops at the same step. It
-    also makes all checkpoint writes of the run atomic (:class:`AtomicCheckpointIO`), and writes
-    ``last.ckpt`` when training ends at ``max_steps`` mid-epoch, which ``ModelCheckpoint`` skips.
+    On one process the flag is looked at after every optimiser step (a Python variable: no
+    device work). On several, ranks must agree on the step: every ``check_every_n_steps`` steps
+    each rank starts a non-blocking all-reduce (max) of its flag and, on CUDA, a non-blocking copy
+    of the result to pinned host memory; the result is read at the next check, when it is long
+    complete, so the check never makes the CPU wait for the GPU's queue. All ranks then save and
+    stop at the same step, at most ``2 × check_every_n_steps`` steps after the signal.
 
-    Resume with ``scratchpath fit ... --ckpt_path last``.
+    It also makes all checkpoint writes of the run atomic (:class:`AtomicCheckpointIO`), and
+    writes ``last.ckpt`` when training ends at ``max_steps`` mid-epoch, which ``ModelCheckpoint``
+    skips. Resume with ``scratchpath fit ... --ckpt_path last``.
 
     Args:
         dirpath: folder of ``last.ckpt``; default: the ``ModelCheckpoint``'s folder, else
             ``<default_root_dir>/checkpoints``.
         signals: signal names that request a checkpoint-and-stop.
+        check_every_n_steps: optimiser steps between the cross-rank checks of the flag (several
+            processes only; keep ``2 × N × step time`` well under the signal's lead time).
     """
 
     def __init__(
-        self, dirpath: str | None = None, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+        self,
+        dirpath: str | None = None,
+        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+        check_every_n_steps: int = 10,
     ) -> None:
         unknown = [name for name in signals if not hasattr(signal, name)]
         if unknown:
             raise ScratchpathError(f"signals: unknown signal name(s) {unknown}")
+        if check_every_n_steps < 1:
+            raise ScratchpathError(f"check_every_n_steps: must be >= 1, got {check_every_n_steps}")
         self.dirpath = dirpath
         self.signals = tuple(signals)
+        self.check_every_n_steps = check_every_n_steps
         self.received: int | None = None  # signal number that stopped the run
         self.saved_path: str | None = None
+        self._pending: int | None = None  # set by the handler, acted on at a step boundary
         self._saved_step = -1
+        self._step_at_batch_start = -1
+        self._launcher: Any = None
         self._previous_handlers: dict[int, Any] = {}
+        self._in_flight: tuple[Any, torch.Tensor, Any] | None = None  # (work, host flag, event)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning installs its own handlers just before training starts; ours go on top.
+        # Lightning installs its own handlers just before training starts; ours replace them.
         environment = trainer._accelerator_connector.cluster_environment
         slurm_requeue = (
             environment.requeue_signal
             if isinstance(environment, SLURMEnvironment) and environment.auto_requeue
             else None
         )
+        self._launcher = getattr(trainer.strategy, "launcher", None)
         for name in self.signals:
             signum = getattr(signal, name)
-            if signum == signal.SIGTERM or signum == slurm_requeue:
-                continue  # Lightning's: received_sigterm / SLURM requeue
+            if signum == slurm_requeue:
+                continue  # a hand-built Trainer with Lightning's auto-requeue keeps its own
             self._previous_handlers[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
-        previous = self._previous_handlers.get(signum)
-        if callable(previous):
-            previous(signum, frame)
+        """Only remember the signal (and pass it on to the ranks this process launched, as
+        Lightning does); the training loop acts on it at the next optimiser-step boundary."""
+        if self._pending is None:
+            self._pending = signum
+            if self._launcher is not None and hasattr(self._launcher, "kill"):
+                self._launcher.kill(signum)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int
+    ) -> None:
+        self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
-        sigterm = trainer.received_sigterm and "SIGTERM" in self.signals
-        requested = self.received is not None or sigterm
-        if trainer.world_size > 1:
-            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-        if not requested:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # inside a gradient accumulation: only an optimiser step is a safe point
+        if not self._stop_requested(trainer, pl_module):
             return
-        if self.received is None:
-            self.received = int(signal.SIGTERM) if sigterm else int(signal.SIGUSR1)
+        self.received = self._pending or int(signal.SIGTERM)  # or another rank got a signal
         self.save_last(trainer)
         rank_zero_info(
             f"{signal.Signals(self.received).name} received: saved step {trainer.global_step} to "
@@ -375,14 +512,36 @@ class PreemptionCheckpoint(L.Callback):
         )
         trainer.should_stop = True
 
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        # SIGTERM landing after our batch-end check: Lightning raises before the next batch.
-        if isinstance(exception, SIGTERMException) and "SIGTERM" in self.signals:
-            self.received = self.received or int(signal.SIGTERM)
-            if self._saved_step != trainer.global_step:
-                self.save_last(trainer)
+    def _stop_requested(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """Whether every rank stops now (the same answer on all ranks; see the class docstring)."""
+        if trainer.world_size == 1:
+            return self._pending is not None
+        if trainer.global_step % self.check_every_n_steps:
+            return False
+        requested = False
+        if self._in_flight is not None:
+            work, host_flag, event = self._in_flight
+            work.wait()  # started N steps ago: already complete
+            if event is not None:
+                event.synchronize()  # the copy queued right after the all-reduce: done too
+            requested = bool(host_flag.item())  # a CPU tensor: no device synchronisation
+        self._in_flight = None if requested else self._start_flag_reduce(pl_module.device)
+        return requested
+
+    def _start_flag_reduce(self, device: torch.device) -> tuple[Any, torch.Tensor, Any]:
+        """A non-blocking all-reduce (max) of this rank's flag, copied to the host when done."""
+        on_cuda = device.type == "cuda" and torch.distributed.get_backend() == "nccl"
+        flag = torch.full(
+            (1,), float(self._pending is not None), device=device if on_cuda else "cpu"
+        )
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        if not on_cuda:
+            return work, flag, None
+        host_flag = torch.empty(1, pin_memory=True)
+        host_flag.copy_(flag, non_blocking=True)  # queued after the all-reduce on the stream
+        event = torch.cuda.Event()
+        event.record()
+        return work, host_flag, event
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         checkpoint = _model_checkpoint(trainer)

@@ -1,13 +1,21 @@
 """Checkpoint -> backbone-only safetensors + ``config.json`` + model card; loading it back.
 
-An export folder holds:
+An export folder is a timm / Hugging Face Hub model folder, so every client loads it as it
+already expects (``timm.create_model("local-dir:DIR", pretrained=True)``, ``hf-hub:`` once
+pushed, transformers ``TimmWrapperModel`` / ``AutoModel``, kaiko's eva, plain
+``timm.create_model(arch, checkpoint_path=...)``):
 
 - ``model.safetensors``: the backbone's weights with exactly the keys of
-  ``timm.create_model(architecture, num_classes=0, **model_kwargs)``, so a strict load works;
-- ``config.json``: architecture and kwargs, preprocessing (input size, mean/std, µm/px), the
-  training provenance (objective, step, store fingerprints, resolved config, git SHA) and a
-  timm ``pretrained_cfg`` block;
-- ``README.md``: a model card.
+  ``timm.create_model(architecture, num_classes=0, **model_args)``, so a strict load works;
+- ``config.json``: timm's model config (``architecture``, ``num_classes: 0``, ``num_features``,
+  ``model_args``, ``pretrained_cfg`` with input size, mean/std, interpolation, crop settings and
+  the µm/px in its description and notes) plus one key of scratchpath's own, ``scratchpath``:
+  the provenance (objective, step, weights, µm/px, stores, resolved recipe, git SHA, checkpoint
+  hash) that timm and transformers ignore;
+- ``README.md``: a model card (Hub front matter; how to load it with each client).
+
+Exports written before format 2 (``model_kwargs`` and provenance at the top level) still load:
+:func:`load_config` reads them into the current layout.
 
 Only :func:`export_checkpoint` ever reads a pickle (with ``torch.load(weights_only=True)``,
 which refuses anything but tensors and plain containers); loading an export never unpickles.
@@ -33,12 +41,13 @@ from torch import nn
 from scratchpath import __version__
 from scratchpath.backbones import create_backbone
 from scratchpath.errors import ScratchpathError
-from scratchpath.files import file_sha256
+from scratchpath.files import file_sha256, readable_as_umask
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2
+FORMAT_NAME = "scratchpath-backbone"
 _PREFIXES = {"student": "backbone.", "teacher": "teacher_backbone."}
 
 
@@ -134,13 +143,25 @@ def _input_size(model: nn.Module, kwargs: dict[str, Any], data: dict[str, Any]) 
     return int(img_size)
 
 
+def _fixed_input_size(model: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether the backbone only accepts its training size (timm's ``fixed_input_size``)."""
+    if kwargs.get("dynamic_img_size") or kwargs.get("strict_img_size") is False:
+        return False
+    return bool((getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size", False))
+
+
+def _mpp_text(mpp: Any) -> str:
+    return f"{mpp:.3g} µm/px" if isinstance(mpp, int | float) else "an unrecorded µm/px"
+
+
 def build_config(
     checkpoint: dict[str, Any],
     model: nn.Module,
     which: str,
     source: Path,
 ) -> dict[str, Any]:
-    """The ``config.json`` content for an export of ``model`` from ``checkpoint``."""
+    """The ``config.json`` content (timm's model config + ``scratchpath`` provenance) for an
+    export of ``model`` from ``checkpoint``."""
     meta = checkpoint["scratchpath"]
     data = meta.get("data") or {}
     kwargs = dict(meta.get("backbone_kwargs") or {})
@@ -153,45 +174,63 @@ def build_config(
     else:  # e.g. a checkpoint of a run without a PatchDataModule
         mean, std = list(default_cfg.get("mean")), list(default_cfg.get("std"))
         norm_source = "timm default (the checkpoint records no training mean/std)"
+    mpp, objective = data.get("mpp"), meta.get("objective")
     stores = data.get("stores") or []
-    return {
-        "format": "scratchpath-backbone",
-        "format_version": EXPORT_FORMAT_VERSION,
-        "architecture": arch,
-        "model_kwargs": kwargs,
-        "num_features": int(getattr(model, "num_features", 0)),
-        "weights": which,
+    pretrained_cfg = {
+        "tag": "scratchpath",
+        "custom_load": False,  # a native timm state dict
         "input_size": [3, size, size],
+        "fixed_input_size": _fixed_input_size(model, kwargs),
+        "interpolation": "bilinear",  # how scratchpath resizes tiles (finetune.tiles_to_tensor)
+        "crop_pct": 1.0,  # tiles are whole fields of view: resize, never crop
+        "crop_mode": "center",
         "mean": mean,
         "std": std,
-        "normalisation_source": norm_source,
-        "mpp": data.get("mpp"),
-        "tile_size": data.get("tile_size"),
-        "objective": meta.get("objective"),
+        "num_classes": 0,
+        "first_conv": default_cfg.get("first_conv"),
+        "classifier": default_cfg.get("classifier"),
+        "description": (
+            f"{objective} backbone pretrained from scratch on H&E tiles at {_mpp_text(mpp)} "
+            "(scratchpath)"
+        ),
+        # PretrainedCfg has no µm/px field: notes is the free-text field timm keeps
+        "notes": [
+            f"mpp={mpp}: feed tiles at {mpp} µm/px (the training magnification)"
+            if mpp is not None
+            else "mpp unknown: the training stores record no µm/px (tiles imported without it)"
+        ],
+    }
+    provenance = {
+        "format": FORMAT_NAME,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "weights": which,
+        "objective": objective,
         "global_step": meta.get("global_step", checkpoint.get("global_step")),
         "epoch": checkpoint.get("epoch"),
+        "mpp": mpp,
+        "tile_size": data.get("tile_size"),
+        "normalisation_source": norm_source,
         "stores": [
             {k: s.get(k) for k in ("path", "fingerprint", "n_tiles")}
             for s in stores
             if isinstance(s, dict)
         ],
-        "training_config": meta.get("config"),
         "git_sha": meta.get("git_sha"),
         "checkpoint_version": meta.get("version"),
         "scratchpath_version": __version__,
         "source_checkpoint": {"name": source.name, "sha256": file_sha256(source)},
-        "pretrained_cfg": {
-            "architecture": arch,
-            "tag": "scratchpath",
-            "input_size": [3, size, size],
-            "interpolation": "bilinear",
-            "crop_pct": 1.0,
-            "crop_mode": "center",
-            "mean": mean,
-            "std": std,
-            "num_classes": 0,
-            "description": f"{meta.get('objective')} pretrained from scratch on H&E (scratchpath)",
-        },
+        "training_config": meta.get("config"),
+    }
+    return {
+        "architecture": arch,
+        "num_classes": 0,
+        "num_features": int(getattr(model, "num_features", 0)),
+        "global_pool": getattr(model, "global_pool", None)
+        if isinstance(getattr(model, "global_pool", None), str)
+        else None,
+        "model_args": kwargs,
+        "pretrained_cfg": pretrained_cfg,
+        "scratchpath": provenance,
     }
 
 
@@ -213,7 +252,8 @@ def export_checkpoint(
         overwrite: replace an existing non-empty ``out_dir``.
 
     The folder is written to a temporary sibling and renamed into place, so an interrupted
-    export never leaves a half-written model. Returns ``out_dir``.
+    export never leaves a half-written model; the folder and files get the permissions the
+    umask gives (others can read them under the usual 022). Returns ``out_dir``.
     """
     ckpt, out_dir = Path(ckpt), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -247,6 +287,10 @@ def export_checkpoint(
         )
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")
         (tmp / CARD_FILE).write_text(render_model_card(config))
+        # mkdtemp makes the folder 0700 (and writers using mkstemp files 0600): reset both to
+        # what a plain mkdir / open would give, so others can load the model
+        for path in (tmp, *tmp.iterdir()):
+            readable_as_umask(path)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -255,36 +299,69 @@ def export_checkpoint(
 
 
 def render_model_card(config: dict[str, Any]) -> str:
-    """The ``README.md`` model card of an export, from its ``config.json`` content."""
-    arch, kwargs = config["architecture"], config.get("model_kwargs") or {}
-    size = config["input_size"][-1]
-    mpp = config.get("mpp")
-    mpp_text = f"{mpp:.3g} µm/px" if isinstance(mpp, int | float) else "unknown µm/px"
-    stores = config.get("stores") or []
+    """The ``README.md`` model card of an export, from its ``config.json`` content.
+
+    Every Python snippet in it runs as written once ``path/to/this/folder`` is the export
+    (``tests/test_export_clients.py`` runs them all).
+    """
+    arch, kwargs = config["architecture"], config.get("model_args") or {}
+    prov = config.get("scratchpath") or {}
+    pcfg = config["pretrained_cfg"]
+    size = pcfg["input_size"][-1]
+    mpp_text = _mpp_text(prov.get("mpp"))
+    stores = prov.get("stores") or []
     store_lines = "\n".join(
         f"- `{s.get('path')}` ({s.get('n_tiles')} tiles, fingerprint `{s.get('fingerprint')}`)"
         for s in stores
     )
     kw = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-    pcfg = config["pretrained_cfg"]
-    return f"""# {arch} pretrained from scratch on H&E with scratchpath ({config.get("objective")})
+    extra = json.dumps({"checkpoint_path": "path/to/this/folder/model.safetensors"})
+    registry_lines = "\n".join(  # JSON values are YAML values
+        f"      {k}: {json.dumps(v)}" for k, v in {"num_classes": 0, **kwargs}.items()
+    )
+    if kwargs:
+        eva_registry = (
+            "(eva's registry route, `MODEL_NAME=timm/ARCH MODEL_EXTRA_KWARGS=...`, passes only "
+            "`checkpoint_path` on to timm, so it cannot rebuild this backbone's "
+            f"`model_args` {json.dumps(kwargs)}: use one of these YAML backbones)"
+        )
+    else:
+        eva_registry = (
+            "or, in any eva config whose backbone comes from eva's registry: "
+            f"`MODEL_NAME=timm/{arch} MODEL_EXTRA_KWARGS='{extra}'`"
+        )
+    objective = prov.get("objective")
+    sha = prov.get("git_sha")
+    commit = f"git commit `{sha}`" if sha else "an unrecorded git commit (not run from a checkout)"
+    return f"""---
+library_name: timm
+pipeline_tag: image-feature-extraction
+tags:
+- image-feature-extraction
+- timm
+- histopathology
+- scratchpath
+---
+# {arch} pretrained from scratch on H&E with scratchpath ({objective})
 
 A **{arch}** backbone ({config.get("num_features")}-d embeddings), trained from random \
 initialisation on H&E histopathology tiles only by self-supervised learning \
-(objective `{config.get("objective")}`, {config.get("weights")} weights, \
-step {config.get("global_step")}), trained from git commit `{config.get("git_sha")}` and \
-exported with scratchpath {config.get("scratchpath_version")}.
+(objective `{objective}`, {prov.get("weights")} weights, step {prov.get("global_step")}), \
+trained from {commit} and exported with scratchpath {prov.get("scratchpath_version")}.
 
 ## Input
-RGB tiles of {size}×{size} px at **{mpp_text}** (training tiles: {config.get("tile_size")} px), \
+RGB tiles of {size}×{size} px at **{mpp_text}** (training tiles: {prov.get("tile_size")} px), \
 scaled to 0..1 and normalised with mean {pcfg["mean"]} and std {pcfg["std"]} \
-(from the {config.get("normalisation_source")}).
+(from the {prov.get("normalisation_source")}); resize {pcfg["interpolation"]}, no crop. \
+`config.json`'s `pretrained_cfg` holds exactly this, so timm's \
+`resolve_data_config` / `create_transform` and transformers' image processor apply it.
 Feed tiles at the training µm/px: the same pixels at another magnification are another input.
 
 ## Training data
 {store_lines or "- (no store information recorded)"}
 
-The resolved training configuration is the `training_config` field of `config.json`.
+The provenance (objective, step, stores, the resolved training recipe, git SHA, the sha256 of the \
+source checkpoint) is the `scratchpath` key of `config.json`.
 
 ## Intended use and limits
 Intended for research: a frozen feature extractor or an initialisation for fine-tuning on H&E
@@ -294,31 +371,64 @@ other stains, scanners, organs and magnifications, and check it on your own data
 with `scratchpath eval`, which also reports a random-init and a colour-histogram baseline).
 
 ## Loading
-With scratchpath (strict load from safetensors, eval mode, `(B, D)` embeddings):
+Every route below loads the weights strictly (every key, no classifier head) and gives the
+same embeddings. With scratchpath: `(B, D)` embeddings, `(B, D, h, w)` patch features
+(`dense=True`, e.g. for segmentation) or the feature maps of the last blocks:
 ```python
+import torch
 import scratchpath
-model = scratchpath.load_backbone("path/to/this/folder")
-fmaps = scratchpath.load_backbone("path/to/this/folder", features_only=True)  # feature maps
+
+model = scratchpath.load_backbone("path/to/this/folder")  # eval mode
+x = torch.rand(2, 3, {size}, {size})  # stands for normalised tiles
+embeddings = model(x)  # (2, {config.get("num_features")})
+patches = scratchpath.load_backbone("path/to/this/folder", dense=True)(x)  # (2, D, h, w)
+maps = scratchpath.load_backbone("path/to/this/folder", features_only=True)(x)  # last 4 blocks
 ```
-With plain timm (`num_classes=0` keeps the load strict):
+With timm (`hf-hub:USER/REPO` instead of `local-dir:` once pushed), preprocessing included:
 ```python
-import json, timm
-folder = "path/to/this/folder"
-cfg = json.load(open(f"{{folder}}/config.json"))
-model = timm.create_model(
-    "{arch}", pretrained=True, num_classes=0{kw},
-    pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file=f"{{folder}}/model.safetensors"),
-)
+import timm
+import torch
+from PIL import Image
+
+model = timm.create_model("local-dir:path/to/this/folder", pretrained=True).eval()
+transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+x = transform(Image.open("path/to/tile.png").convert("RGB")).unsqueeze(0)
+embeddings = model(x)
 ```
-With kaiko's eva (YAML `backbone:` of a config):
+With timm from the weights file alone (as kaiko's eva does):
+```python
+import timm
+import torch
+
+model = timm.create_model(
+    "{arch}", num_classes=0{kw},
+    checkpoint_path="path/to/this/folder/model.safetensors",
+).eval()
+x = torch.rand(2, 3, {size}, {size})
+embeddings = model(x)
+```
+With Hugging Face transformers (`TimmWrapperModel`, or `AutoModel`):
+```python
+import torch
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained("path/to/this/folder").eval()
+x = torch.rand(2, 3, {size}, {size})
+embeddings = model(x).pooler_output
+```
+With kaiko's eva, as the `backbone:` of a task config (e.g. a linear probe on frozen features; \
+`IN_FEATURES={config.get("num_features")}`, and transforms resizing to {size} px with the mean/std \
+above):
 ```yaml
 backbone:
   class_path: eva.vision.models.wrappers.TimmModel
   init_args:
     model_name: {arch}
     checkpoint_path: path/to/this/folder/model.safetensors
-    model_kwargs: {json.dumps({"num_classes": 0, **kwargs})}
+    model_kwargs:
+{registry_lines}
 ```
+{eva_registry}
 or through scratchpath itself:
 ```yaml
 backbone:
@@ -328,7 +438,6 @@ backbone:
     arguments:
       model_dir: path/to/this/folder
 ```
-Use eva transforms with the mean/std above and resize to {size} px.
 """
 
 
@@ -343,8 +452,33 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
+def _upgrade_format_1(old: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 ``config.json`` (``model_kwargs``, provenance at the top level) in the
+    current layout."""
+    provenance_keys = ("weights", "objective", "global_step", "epoch", "mpp", "tile_size",
+                       "normalisation_source", "stores", "git_sha", "checkpoint_version",
+                       "scratchpath_version", "source_checkpoint", "training_config")  # fmt: skip
+    pcfg = {k: v for k, v in (old.get("pretrained_cfg") or {}).items() if k != "architecture"}
+    for key in ("input_size", "mean", "std"):
+        pcfg.setdefault(key, old.get(key))
+    return {
+        "architecture": old["architecture"],
+        "num_classes": 0,
+        "num_features": old.get("num_features"),
+        "model_args": dict(old.get("model_kwargs") or {}),
+        "pretrained_cfg": pcfg,
+        "scratchpath": {
+            "format": FORMAT_NAME,
+            "format_version": old.get("format_version", 1),
+            **{k: old.get(k) for k in provenance_keys},
+        },
+    }
+
+
 def load_config(model_dir: str | Path) -> dict[str, Any]:
-    """Read an export's ``config.json`` (architecture, preprocessing, provenance)."""
+    """Read an export's ``config.json``: timm's keys (``architecture``, ``model_args``,
+    ``pretrained_cfg`` with the preprocessing) and ``scratchpath`` (µm/px and provenance).
+    Format-1 exports are returned in this layout too."""
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise ScratchpathError(f"{model_dir}: not a scratchpath export (no {CONFIG_FILE})")
@@ -354,6 +488,12 @@ def load_config(model_dir: str | Path) -> dict[str, Any]:
         raise ScratchpathError(f"{path}: invalid JSON ({err})") from None
     if not isinstance(config, dict) or "architecture" not in config:
         raise ScratchpathError(f"{path}: missing field 'architecture'")
+    if "model_kwargs" in config or config.get("format") == FORMAT_NAME:
+        config = _upgrade_format_1(config)
+    if not isinstance(config.get("pretrained_cfg"), dict):
+        raise ScratchpathError(f"{path}: missing field 'pretrained_cfg'")
+    config.setdefault("model_args", {})
+    config.setdefault("scratchpath", {})
     return config
 
 
@@ -371,9 +511,29 @@ class FeatureMaps(nn.Module):
         return self.backbone.forward_intermediates(x, indices=self.indices, intermediates_only=True)
 
 
+class PatchFeatures(nn.Module):
+    """A backbone returning dense features ``(B, D, h, w)``: one ``D``-vector per patch (ViT:
+    the last block's patch tokens after the final norm, class / register tokens dropped, as
+    ``forward_features`` gives them; CNN: the last stage's map), for segmentation heads.
+    ``.flatten(2).transpose(1, 2)`` gives the tokens as ``(B, h * w, D)``."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
+        self.num_features = getattr(backbone, "num_features", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.backbone.forward_intermediates(
+            x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
+        )
+        return maps[-1]
+
+
 def load_backbone(
     model_dir: str | Path,
     *,
+    dense: bool = False,
     features_only: bool = False,
     out_indices: int | Sequence[int] = 4,
     device: str | torch.device = "cpu",
@@ -381,7 +541,11 @@ def load_backbone(
     """Load an exported backbone (eval mode) from a folder written by :func:`export_checkpoint`.
 
     Args:
-        model_dir: the export folder (``model.safetensors`` + ``config.json``).
+        model_dir: the export folder (``model.safetensors`` + ``config.json``; current and
+            format-1 exports).
+        dense: return a :class:`PatchFeatures` module whose forward gives patch features
+            ``(B, D, h, w)`` (one embedding per patch, e.g. for segmentation) instead of
+            pooled ``(B, D)`` embeddings.
         features_only: return a module whose forward gives a list of feature maps
             ``(B, C, h, w)`` (timm ``forward_intermediates``; ``out_indices`` = the last n blocks
             as an int, or block indices) instead of pooled ``(B, D)`` embeddings. The pooled
@@ -393,6 +557,8 @@ def load_backbone(
     full config, with µm/px, is :func:`load_config`. Weights are read strictly from safetensors
     (no unpickling); a config that does not match the weights raises ScratchpathError.
     """
+    if dense and features_only:
+        raise ScratchpathError("load_backbone: choose dense or features_only, not both")
     model_dir = Path(model_dir)
     config = load_config(model_dir)
     weights_path = model_dir / WEIGHTS_FILE
@@ -402,11 +568,56 @@ def load_backbone(
         weights = load_file(weights_path)
     except (SafetensorError, OSError) as err:
         raise ScratchpathError(f"{weights_path}: unreadable safetensors ({err})") from None
-    model = create_backbone(config["architecture"], **(config.get("model_kwargs") or {}))
+    model = create_backbone(config["architecture"], **config["model_args"])
     _load_strict(model, weights, f"{weights_path} (as {config['architecture']})")
     preprocessing = {  # tuples, as timm's own pretrained_cfg holds them
         k: tuple(v) if isinstance(v, list) else v for k, v in config["pretrained_cfg"].items()
     }
     model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **preprocessing}
-    model = FeatureMaps(model, out_indices) if features_only else model
+    if dense:
+        model = PatchFeatures(model)
+    elif features_only:
+        model = FeatureMaps(model, out_indices)
     return model.to(device).eval()
+
+
+def push_to_hub(
+    model_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Add scratchpath backbone",
+) -> str:
+    """Upload an export folder to the Hugging Face Hub as model repository ``repo_id`` (created
+    when missing); it then loads with ``timm.create_model("hf-hub:REPO", pretrained=True)`` or
+    ``AutoModel.from_pretrained("REPO")``. The token is ``token``, else ``HF_TOKEN`` or the one
+    ``hf auth login`` stored. Returns the URL of the commit.
+
+    Raises:
+        ScratchpathError: not an export, or the Hub refused or could not be reached (offline,
+            ``HF_HUB_OFFLINE=1``, no or a wrong token); the local export is untouched.
+    """
+    model_dir = Path(model_dir)
+    load_config(model_dir)  # an export, not any folder
+    if not (model_dir / WEIGHTS_FILE).is_file():
+        raise ScratchpathError(f"{model_dir}: no {WEIGHTS_FILE}")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token, library_name="scratchpath", library_version=__version__)
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            repo_id=repo.repo_id,
+            folder_path=model_dir,
+            allow_patterns=[WEIGHTS_FILE, CONFIG_FILE, CARD_FILE],
+            commit_message=commit_message,
+        )
+    # huggingface_hub raises its own, httpx's and OSError types for the same causes (offline,
+    # no route, bad token, refused name); to the user they are all one failed upload
+    except Exception as err:
+        raise ScratchpathError(
+            f"--push-to-hub: {repo_id}: upload failed ({_first_line(err)}); the export in "
+            f"{model_dir} is complete, push it later with the same command"
+        ) from None
+    return str(getattr(commit, "commit_url", commit))

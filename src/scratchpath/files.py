@@ -1,9 +1,11 @@
-"""File helpers that every layer may use: all-or-nothing replacement and content hashes."""
+"""File helpers that every layer may use: all-or-nothing replacement, content hashes and the
+permissions a plain ``open`` / ``mkdir`` would have given."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,3 +45,23 @@ def file_sha256(path: str | Path) -> str:
         while block := f.read(8 * 2**20):
             digest.update(block)
     return digest.hexdigest()
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (``os.umask`` can only be read by setting it: set and restore)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def readable_as_umask(path: str | Path) -> None:
+    """Give ``path`` the mode a plain ``mkdir`` (0777) or ``open`` (0666) would have under the
+    current umask. ``tempfile.mkdtemp`` / ``mkstemp``, the usual way to stage an atomic write,
+    create 0700 folders and 0600 files that nobody else can read, whatever the umask says."""
+    path = Path(path)
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())

@@ -177,6 +177,11 @@ class ViewGenerator:
             self.device_augment = cuda and self.device_supported
         return bool(self.device_augment)
 
+    @property
+    def input_size(self) -> int:
+        """Side length of the first (global) views: the input size the backbone trains at."""
+        return int(self._families[0].size)
+
     def set_seed(self, seed: int) -> None:
         """Seed the next call (the data module calls this per sample with a derived seed)."""
         self._rng = np.random.default_rng(seed)

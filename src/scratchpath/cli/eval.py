@@ -35,13 +35,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Writes DIR/metrics.json (accuracy, balanced accuracy, macro-F1, per-class\n"
             "precision/recall/F1, the tile indices of each side), DIR/confusion_matrix.png,\n"
             "DIR/embedding_pca.png, and prints a table. Tiles are resized (bilinear,\n"
-            "antialiased) to the model's input size when it differs from the store's tile size."
+            "antialiased) to the model's input size (what it was trained at) when it differs\n"
+            "from the store's tile size."
         ),
         epilog=(
             "examples:\n"
             "  scratchpath eval --model exports/dino_vits --train tr.zarr --test te.zarr --out ev\n"
             "  scratchpath eval --model random:vit_tiny_patch16_224 --model-kwargs img_size=64 \\\n"
-            "      --data lung.zarr --split 0.3 --group-column group --out ev"
+            "      --data lung.zarr --split 0.3 --group-column group --out ev\n"
+            "  scratchpath eval --model runs/cpu_pretrain/export --data ebhi.zarr --split 0.4 \\\n"
+            "      --repeats 5 --group-column case_id --out ev   # mean of 5 grouped 60/40 splits"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -70,6 +73,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="test fraction of --data (default 0.3)",
     )
     data.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split --data N times (seeds SEED..SEED+N-1) and report the mean ± std (default 1)",
+    )
+    data.add_argument(
         "--group-column",
         default="group",
         metavar="COLUMN",
@@ -78,7 +88,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the report")
     parser.add_argument(
-        "--input-size", type=int, metavar="PX", help="override the model's input size (px)"
+        "--input-size",
+        type=int,
+        metavar="PX",
+        help="resize tiles to PX (default: the model's input size, i.e. what an export was "
+        "trained at; a random:NAME CNN without img_size sees the tiles as stored)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=64, metavar="N", help="tiles per forward pass"
@@ -114,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         test=args.test,
         data=args.data,
         test_fraction=args.split,
+        repeats=args.repeats,
         group_column=args.group_column,
         model_kwargs=parse_kwargs(args.model_kwargs),
         input_size=args.input_size,
@@ -123,8 +138,10 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
+    repeats = (metrics["split"] or {}).get("repeats", 1)
     print(
-        f"{metrics['train']['n_tiles']} train / {metrics['test']['n_tiles']} test tiles, "
+        f"{metrics['train']['n_tiles']} train / {metrics['test']['n_tiles']} test tiles"
+        f"{f' (first of {repeats} grouped splits; figures are means)' if repeats > 1 else ''}, "
         f"{len(metrics['class_names'])} classes, input {metrics['input_size'] or 'as stored'} px"
     )
     print(format_table(metrics))

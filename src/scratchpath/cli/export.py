@@ -10,11 +10,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="export the backbone of a training checkpoint (safetensors + config + model card)",
         description=(
-            "Write the backbone of a scratchpath training checkpoint to DIR: model.safetensors "
-            "(backbone weights only, with the exact keys of timm.create_model(ARCH, "
-            "num_classes=0, **kwargs)), config.json (architecture, preprocessing, µm/px, "
-            "training provenance, a timm pretrained_cfg) and README.md (model card). Load it "
-            "with scratchpath.load_backbone(DIR), plain timm or kaiko's eva (see the card)."
+            "Write the backbone of a scratchpath training checkpoint to DIR, a timm / "
+            "Hugging Face Hub model folder: model.safetensors (backbone weights only, with the "
+            "exact keys of timm.create_model(ARCH, num_classes=0, **model_args)), config.json "
+            "(timm's model config: architecture, model_args, pretrained_cfg with the "
+            "preprocessing and µm/px; scratchpath's provenance under the 'scratchpath' key) and "
+            "README.md (model card). Load it with scratchpath.load_backbone(DIR), "
+            "timm.create_model('local-dir:DIR', pretrained=True), transformers "
+            "AutoModel.from_pretrained(DIR) or kaiko's eva (see the card)."
         ),
     )
     parser.add_argument("checkpoint", metavar="CKPT", help="Lightning checkpoint (.ckpt) of `fit`")
@@ -29,17 +32,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace DIR if it exists and is not empty"
     )
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="also upload DIR to the Hugging Face Hub model repository REPO (user/name; created "
+        "when missing; token from HF_TOKEN or `hf auth login`); then "
+        "timm.create_model('hf-hub:REPO', pretrained=True) loads it",
+    )
+    parser.add_argument(
+        "--private", action="store_true", help="with --push-to-hub: create REPO as private"
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchpath.export import export_checkpoint, load_config
+    from scratchpath.export import export_checkpoint, load_config, push_to_hub
 
     out = export_checkpoint(args.checkpoint, args.out, args.which, overwrite=args.overwrite)
     config = load_config(out)
+    prov = config["scratchpath"]
     print(
-        f"exported {config['weights']} {config['architecture']} "
-        f"({config['num_features']}-d, {config['objective']}, step {config['global_step']}) "
-        f"to {out}"
+        f"exported {prov['weights']} {config['architecture']} "
+        f"({config['num_features']}-d, {prov['objective']}, step {prov['global_step']}) "
+        f"to {out}",
+        flush=True,
     )
+    if args.push_to_hub:
+        url = push_to_hub(out, args.push_to_hub, private=args.private)
+        print(f"pushed {out} to the Hub: {url} (timm: 'hf-hub:{args.push_to_hub}')")
     return 0

@@ -20,7 +20,11 @@ unknown method / timm model / missing store before any worker starts, ``precisio
 hardware when the recipe leaves it empty (bf16-mixed on GPU, 32-true on CPU), default CSV +
 TensorBoard loggers in ``<default_root_dir>/logs/version_N``, checkpoints in
 ``<default_root_dir>/checkpoints`` (``last.ckpt`` + the best by online kNN accuracy, else by
-loss), throughput logging and preemption-safe checkpoints, and the resolved config recorded in
+loss), throughput logging, a plain progress line every ``log_every_n_steps`` steps when the
+recipe turns the progress bar off (step / total, loss, rate, time left), preemption-safe
+checkpoints (SIGTERM / SIGUSR1 saved at an optimiser-step boundary; under SLURM, Lightning's
+auto-requeue is turned off and ``recipes/slurm_train.sbatch`` requeues on exit status 138), and
+the resolved config recorded in
 every checkpoint (``trainer.scratchpath_config``).
 """
 
@@ -30,17 +34,18 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from jsonargparse import ArgumentError
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from scratchpath.callbacks import OnlineEvaluation, PreemptionCheckpoint, Throughput
+from scratchpath.callbacks import OnlineEvaluation, PreemptionCheckpoint, ProgressLog, Throughput
 from scratchpath.data import PatchDataModule
 from scratchpath.errors import ScratchpathError
 from scratchpath.objectives import OBJECTIVES, SSLObjective
@@ -69,7 +74,8 @@ class ScratchpathCLI(LightningCLI):
     """LightningCLI for SSL pretraining: ``model`` is any :class:`SSLObjective` subclass,
     ``data`` a :class:`PatchDataModule`; builds everything, the caller runs ``trainer.fit``."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], progress_stream: TextIO | None = None) -> None:
+        self.progress_stream = progress_stream  # ProgressLog's stream (None: stderr)
         super().__init__(
             model_class=SSLObjective,
             subclass_mode_model=True,
@@ -128,6 +134,8 @@ class ScratchpathCLI(LightningCLI):
         kwargs["callbacks"] = callbacks + extra
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(root)
+        if SLURMEnvironment.detect():
+            kwargs["plugins"] = slurm_plugins(trainer_config.get("plugins"))
         return super().instantiate_trainer(**kwargs)
 
     def _default_callbacks(self, callbacks: list[Callback], root: str) -> list[Callback]:
@@ -144,6 +152,10 @@ class ScratchpathCLI(LightningCLI):
             extra.append(Throughput(window=self.config.trainer.log_every_n_steps or 50))
         if not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
             extra.append(PreemptionCheckpoint())
+        # no progress bar (smoke recipes, logs, CI): a plain line every log_every_n_steps
+        bar_off = self.config.trainer.get("enable_progress_bar") is False
+        if bar_off and not any(isinstance(c, ProgressLog) for c in callbacks):
+            extra.append(ProgressLog(stream=self.progress_stream))
         return extra
 
     def after_instantiate_classes(self) -> None:
@@ -161,6 +173,19 @@ def check_config(config: Any) -> None:
             for key in ("train_store", "test_store"):
                 if init.get(key) is not None:
                     _check_stores([init[key]], f"trainer.callbacks[{i}].{key}")
+
+
+def slurm_plugins(plugins: Any) -> list[Any]:
+    """The recipe's plugins plus ``SLURMEnvironment(auto_requeue=False)`` (unless it has one).
+
+    Lightning's auto-requeue saves a checkpoint inside the SIGUSR1 handler, in the middle of a
+    step; :class:`~scratchpath.callbacks.PreemptionCheckpoint` saves at the next optimiser-step
+    boundary instead and ``recipes/slurm_train.sbatch`` requeues the job itself.
+    """
+    listed = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+    if not any(isinstance(plugin, SLURMEnvironment) for plugin in listed):
+        listed.append(SLURMEnvironment(auto_requeue=False))
+    return listed
 
 
 def auto_precision(accelerator: Any) -> str:
@@ -256,10 +281,12 @@ def _model_argument(argv: list[str]) -> str | None:
     return None
 
 
-def run_fit(argv: list[str]) -> int:
-    """Run ``scratchpath fit ARGV``; returns the exit status (``128 + signal`` when preempted)."""
+def run_fit(argv: list[str], *, progress_stream: TextIO | None = None) -> int:
+    """Run ``scratchpath fit ARGV``; returns the exit status (``128 + signal`` when preempted).
+    ``progress_stream``: where the progress lines go (default stderr; the demo sends them to the
+    terminal while the rest of the output goes to its log)."""
     try:
-        cli = ScratchpathCLI(args=expand_method_alias(argv))
+        cli = ScratchpathCLI(args=expand_method_alias(argv), progress_stream=progress_stream)
     except ArgumentError as error:
         raise ScratchpathError(_one_line(str(error), argv)) from None
     except SystemExit as done:  # --help, --print_config

@@ -358,6 +358,8 @@ class PatchDataModule(L.LightningDataModule):
         return {
             "mpp": self.store.mpp,
             "tile_size": self.store.tile_size,
+            # what the backbone saw (a CNN has no img_size of its own): export and eval use it
+            "input_size": getattr(self.views, "input_size", None),
             "mean": tuple(self.views.mean),
             "std": tuple(self.views.std),
             "stores": [dict(entry) for entry in self._store_entries],

@@ -120,13 +120,14 @@ def resolve_model(
         raise ScratchpathError("--model-kwargs: only for random:NAME models (exports fix them)")
     config = load_config(spec)
     model = load_backbone(spec)
+    preprocessing = config["pretrained_cfg"]
     return model, {
         "architecture": config["architecture"],
-        "model_kwargs": config.get("model_kwargs") or {},
-        "mean": list(config["mean"]),
-        "std": list(config["std"]),
-        "input_size": _side(config.get("input_size")),
-        "mpp": config.get("mpp"),
+        "model_kwargs": config["model_args"],
+        "mean": list(preprocessing["mean"]),
+        "std": list(preprocessing["std"]),
+        "input_size": _side(preprocessing.get("input_size")),
+        "mpp": config["scratchpath"].get("mpp"),
     }
 
 
@@ -157,6 +158,7 @@ def run_evaluation(
     test: str | None = None,
     data: str | None = None,
     test_fraction: float = 0.3,
+    repeats: int = 1,
     group_column: str = "group",
     model_kwargs: dict[str, Any] | None = None,
     input_size: int | None = None,
@@ -169,24 +171,33 @@ def run_evaluation(
     """Evaluate ``model`` (export folder or ``random:TIMM_NAME``) by kNN and linear probe.
 
     Either ``train`` and ``test`` stores, or one ``data`` store split by ``group_column``
-    (see :func:`~scratchpath.finetune.splits.grouped_split`). Tiles are resized to the model's
-    input size when it differs from the store's tile size (``input_size`` overrides; the
+    (see :func:`~scratchpath.finetune.splits.grouped_split`). With ``repeats`` > 1 (``data``
+    only) the store is split ``repeats`` times (seeds ``seed``, ``seed + 1``, ...) and each
+    summary figure is the mean over the splits (``std`` and the per-split values beside it);
+    per-class figures, predictions and plots are those of the first split. Tiles are embedded
+    once and resized to the model's input size (the export's ``input_size``: what it trained
+    at) when it differs from the store's tile size; ``input_size`` overrides it (the
     colour-histogram baseline always sees the stored tiles). Writes ``metrics.json``,
     ``confusion_matrix.png`` and ``embedding_pca.png`` to ``out_dir`` and returns the metrics.
     """
     if (data is None) == (train is None or test is None):
         raise ScratchpathError("eval: give either --train and --test, or --data")
+    if repeats < 1:
+        raise ScratchpathError(f"--repeats: must be >= 1, got {repeats}")
+    if repeats > 1 and data is None:
+        raise ScratchpathError("--repeats: needs one --data store to split repeatedly")
     backbone, info = resolve_model(model, model_kwargs, seed=seed)  # first: fail fast on typos
     if data is not None:
         train_store = test_store = PatchStore(data)
-        train_idx, test_idx = split_store(
-            train_store, test_fraction=test_fraction, group_column=group_column, seed=seed
-        )
+        splits = [
+            split_store(train_store, test_fraction=test_fraction, group_column=group_column, seed=s)
+            for s in range(seed, seed + repeats)
+        ]
     else:
         train_store, test_store = PatchStore(train), PatchStore(test)
-        train_idx, test_idx = np.arange(len(train_store)), np.arange(len(test_store))
-    y_train = require_labels(train_store, "--train")[train_idx]
-    y_test = require_labels(test_store, "--test")[test_idx]
+        splits = [(np.arange(len(train_store)), np.arange(len(test_store)))]
+    labels_train = require_labels(train_store, "--train")
+    labels_test = require_labels(test_store, "--test")
     if train_store.class_names != test_store.class_names:
         raise ScratchpathError(
             f"--test: classes {test_store.class_names} differ from {train_store.class_names}"
@@ -195,36 +206,47 @@ def run_evaluation(
 
     size = input_size or info["input_size"]
     baseline_model = _random_twin(info, seed=seed + 1)
+    kw = {"mean": info["mean"], "std": info["std"], "batch_size": batch_size, "device": device}
 
     def embed(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        kw = {"mean": info["mean"], "std": info["std"], "batch_size": batch_size, "device": device}
+        # every tile once, by store row: the splits index into these
         m = m.to(device)
-        return (
-            extract_features(m, train_store, indices=train_idx, input_size=size, **kw),
-            extract_features(m, test_store, indices=test_idx, input_size=size, **kw),
-        )
+        f_train = extract_features(m, train_store, input_size=size, **kw)
+        if test_store is train_store:
+            return f_train, f_train
+        return f_train, extract_features(m, test_store, input_size=size, **kw)
 
+    all_train, all_test = np.arange(len(train_store)), np.arange(len(test_store))
+    histogram_train = colour_histogram_features(train_store, all_train)
     features = {
         "model": embed(backbone),
         "random_init": embed(baseline_model),
         "colour_histogram": (
-            colour_histogram_features(train_store, train_idx),
-            colour_histogram_features(test_store, test_idx),
+            histogram_train,
+            histogram_train
+            if test_store is train_store
+            else colour_histogram_features(test_store, all_test),
         ),
     }
-    results = {
-        name: probe_features(
-            f_train,
-            y_train,
-            f_test,
-            y_test,
-            class_names,
-            k=k,
-            linear_epochs=linear_epochs,
-            seed=seed,
-        )
-        for name, (f_train, f_test) in features.items()
-    }
+    per_split = [
+        {
+            name: probe_features(
+                f_train[train_idx],
+                labels_train[train_idx],
+                f_test[test_idx],
+                labels_test[test_idx],
+                class_names,
+                k=k,
+                linear_epochs=linear_epochs,
+                seed=seed,
+            )
+            for name, (f_train, f_test) in features.items()
+        }
+        for train_idx, test_idx in splits
+    ]
+    results = per_split[0] if repeats == 1 else _mean_over_splits(per_split)
+    train_idx, test_idx = splits[0]
+    y_test = labels_test[test_idx]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +254,7 @@ def run_evaluation(
         "confusion_matrix": plot_confusion_matrices(
             {
                 f"{p} probe": confusion_matrix(
-                    y_test, results["model"][p]["predictions"], labels=range(len(class_names))
+                    y_test, per_split[0]["model"][p]["predictions"], labels=range(len(class_names))
                 )
                 for p in ("knn", "linear")
             },
@@ -241,7 +263,11 @@ def run_evaluation(
             title=model,
         ).name,
         "embedding": plot_embedding(
-            features["model"][1], y_test, class_names, out_dir / "embedding_pca.png", title=model
+            features["model"][1][test_idx],
+            y_test,
+            class_names,
+            out_dir / "embedding_pca.png",
+            title=model,
         ).name,
     }
     metrics = {
@@ -253,7 +279,13 @@ def run_evaluation(
         "test": _store_info(test_store, test_idx),
         "split": None
         if data is None
-        else {"test_fraction": test_fraction, "group_column": group_column, "seed": seed},
+        else {
+            "test_fraction": test_fraction,
+            "group_column": group_column,
+            "seed": seed,
+            "repeats": repeats,
+            "seeds": list(range(seed, seed + repeats)),
+        },
         "protocol": {"knn_k": k, "knn_temperature": 0.07, "linear_epochs": linear_epochs},
         "seed": seed,
         "scratchpath_version": __version__,
@@ -262,6 +294,27 @@ def run_evaluation(
     }
     _write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+_SUMMARY = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def _mean_over_splits(per_split: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summary figures averaged over splits (``std`` and ``splits`` beside them); per-class
+    figures and predictions of the first split (they index different test tiles per split)."""
+    results: dict[str, Any] = {}
+    for name, first in per_split[0].items():
+        results[name] = dict(first)
+        for probe in ("knn", "linear"):
+            values = {m: [split[name][probe][m] for split in per_split] for m in _SUMMARY}
+            results[name][probe] = {
+                **first[probe],
+                **{m: float(np.mean(v)) for m, v in values.items()},
+                "std": {m: float(np.std(v)) for m, v in values.items()},
+                "splits": [{m: split[name][probe][m] for m in _SUMMARY} for split in per_split],
+            }
+        results[name]["rankme"] = float(np.mean([split[name]["rankme"] for split in per_split]))
+    return results
 
 
 def _random_twin(info: dict[str, Any], *, seed: int) -> nn.Module:
@@ -275,13 +328,19 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """A short text table: one row per feature set and probe."""
-    lines = [f"{'features':<18} {'probe':<7} {'acc':>6} {'bal.acc':>8} {'macro-F1':>9}"]
+    """A short text table: one row per feature set and probe (mean ± std over the splits when
+    the store was split more than once)."""
+    repeated = "std" in next(iter(metrics["results"].values()))["knn"]
+    width = 14 if repeated else 8
+    lines = [f"{'features':<18} {'probe':<7} {'acc':>6} {'bal.acc':>{width}} {'macro-F1':>9}"]
     for name, result in metrics["results"].items():
         for probe in ("knn", "linear"):
             r = result[probe]
+            balanced = f"{r['balanced_accuracy']:.3f}"
+            if repeated:
+                balanced += f" ± {r['std']['balanced_accuracy']:.3f}"
             lines.append(
-                f"{name:<18} {probe:<7} {r['accuracy']:>6.3f} {r['balanced_accuracy']:>8.3f} "
+                f"{name:<18} {probe:<7} {r['accuracy']:>6.3f} {balanced:>{width}} "
                 f"{r['macro_f1']:>9.3f}"
             )
     return "\n".join(lines)

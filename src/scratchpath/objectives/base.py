@@ -116,6 +116,10 @@ class SSLObjective(L.LightningModule):
         names = getattr(self.backbone, "no_weight_decay", lambda: set())()
         return {f"backbone.{name}" for name in names}
 
+    def lr_scales(self) -> dict[str, float]:
+        """Per-parameter LR multipliers by full name (layer-wise decay); none by default."""
+        return {}
+
     def modules_to_compile(self) -> list[nn.Module]:
         """Modules that ``compile=True`` compiles in place (the backbones)."""
         teacher = getattr(self, "teacher_backbone", None)
@@ -152,7 +156,7 @@ class SSLObjective(L.LightningModule):
                 module.compile()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = param_groups(self.named_parameters(), self.no_weight_decay())
+        groups = param_groups(self.named_parameters(), self.no_weight_decay(), self.lr_scales())
         return create_optimizer(
             self.hparams.optimizer,
             groups,
@@ -197,7 +201,7 @@ class SSLObjective(L.LightningModule):
         lr, weight_decay = self.current_lr_and_weight_decay()
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
                 group["weight_decay"] = weight_decay if group["apply_weight_decay"] else 0.0
         if self._is_logging_step():
             self.log("train/lr", lr)

@@ -14,7 +14,32 @@ from torch.nn.utils.parametrizations import weight_norm
 from scratchpath.backbones import feature_dim
 from scratchpath.errors import ScratchpathError
 from scratchpath.objectives.base import SSLObjective
-from scratchpath.objectives.heads import all_reduce_mean
+from scratchpath.objectives.collectives import all_reduce_mean
+
+
+def dino_cross_entropy(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float = 0.1
+) -> torch.Tensor:
+    """``H(P_t(g), P_s(v))`` averaged over images and over all pairs of a global crop g and a
+    different crop v (DINO's Algorithm 1; DINOv2's local + global crop terms together).
+
+    Args:
+        student_logits: ``(V, B, K)`` student head outputs for all V crops.
+        teacher_probs: ``(G, B, K)`` teacher targets for the G global crops, which are also the
+            first G student crops (softmax of the centred logits, or Sinkhorn-Knopp).
+        student_temp: τ_s.
+    """
+    # float32 even under bf16 autocast: a bf16 einsum over K = 65,536 is off in the 4th digit
+    with torch.autocast(student_logits.device.type, enabled=False):
+        student_log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+        batch = student_logits.shape[1]
+        cross_entropy = (
+            -torch.einsum("gbk,vbk->gv", teacher_probs.float(), student_log_probs) / batch
+        )
+        n_global, n_views = cross_entropy.shape
+        other_crop = 1.0 - torch.eye(n_global, n_views, device=cross_entropy.device)
+        # a weighted sum, not cross_entropy[mask]: boolean indexing would wait for the GPU
+        return (cross_entropy * other_crop).sum() / (n_global * n_views - n_global)
 
 
 def dino_loss(
@@ -38,17 +63,10 @@ def dino_loss(
         different crop v; in float32 even under bf16 autocast (a bf16 ``einsum`` over K =
         65,536 prototypes is off in the 4th digit).
     """
-    with torch.autocast(student_logits.device.type, enabled=False):
+    with torch.autocast(student_logits.device.type, enabled=False):  # float32 even under bf16
         teacher = (teacher_logits.float() - center.float()) / teacher_temp
         teacher_probs = F.softmax(teacher, dim=-1)  # (G, B, K)
-        student_log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-        batch = student_logits.shape[1]
-        cross_entropy = -torch.einsum("gbk,vbk->gv", teacher_probs, student_log_probs) / batch
-        n_global, n_views = cross_entropy.shape
-        # Mean over the pairs of different crops, as a masked sum (boolean indexing would make
-        # the shape depend on the mask: a host sync on a GPU).
-        different = 1.0 - torch.eye(n_global, n_views, device=cross_entropy.device)
-        return (cross_entropy * different).sum() / (n_global * n_views - min(n_global, n_views))
+        return dino_cross_entropy(student_logits, teacher_probs, student_temp)
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ from torch import nn
 
 from scratchpath.backbones import feature_dim
 from scratchpath.objectives.base import SSLObjective
-from scratchpath.objectives.heads import gather_no_grad, projection_mlp, rank_and_world_size
+from scratchpath.objectives.collectives import gather_no_grad, rank_and_world_size
+from scratchpath.objectives.heads import projection_mlp
 
 
 def mocov3_loss(

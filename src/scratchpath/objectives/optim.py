@@ -39,24 +39,63 @@ def scaled_lr(lr: float, global_batch: int, lr_reference_batch: int) -> float:
 
 
 def param_groups(
-    named_parameters: Iterable[tuple[str, nn.Parameter]], no_weight_decay: set[str]
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    no_weight_decay: set[str],
+    lr_scales: dict[str, float] | None = None,
 ) -> list[dict]:
-    """Split trainable parameters into a decayed group and a group that is never decayed.
+    """Split trainable parameters into decayed groups and groups that are never decayed.
 
     Biases and every 1-D parameter (norm scales and shifts) are not decayed, nor are the names in
-    ``no_weight_decay`` (positional embeddings, class / register / mask tokens).
+    ``no_weight_decay`` (positional embeddings, class / register / mask tokens). With
+    ``lr_scales`` (name → LR multiplier, e.g. :func:`layerwise_lr_scales`) there is one group
+    per (decay, multiplier); each group's ``lr_scale`` multiplies the scheduled LR.
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], dict] = {}
     for name, param in named_parameters:
         if not param.requires_grad:
             continue
         excluded = param.ndim <= 1 or name.endswith(".bias") or name in no_weight_decay
-        (no_decay if excluded else decay).append(param)
-    groups = [
-        {"params": decay, "apply_weight_decay": True},
-        {"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0},
-    ]
-    return [group for group in groups if group["params"]]
+        scale = (lr_scales or {}).get(name, 1.0)
+        group = groups.setdefault(
+            (not excluded, scale),
+            {"params": [], "apply_weight_decay": not excluded, "lr_scale": scale},
+        )
+        if excluded:
+            group["weight_decay"] = 0.0
+        group["params"].append(param)
+    return sorted(groups.values(), key=lambda g: (not g["apply_weight_decay"], -g["lr_scale"]))
+
+
+def layerwise_lr_scales(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    num_blocks: int,
+    decay: float,
+    patch_embed_lr_mult: float = 1.0,
+    prefix: str = "backbone.",
+) -> dict[str, float]:
+    """Layer-wise LR decay of a ViT (BEiT; DINOv2's ``get_vit_lr_decay_rate``).
+
+    Block i (0-based) of ``num_blocks`` gets ``decay^(num_blocks − i)``; the patch embedding,
+    positional embedding and class / register tokens (layer 0) get ``decay^(num_blocks + 1)``,
+    the patch embedding times ``patch_embed_lr_mult``; the final norm and every parameter outside
+    ``prefix`` (heads) keep 1.
+    """
+    scales = {}
+    for name, _ in named_parameters:
+        if not name.startswith(prefix):
+            continue
+        local = name[len(prefix) :]
+        if local.startswith("blocks."):
+            layer = int(local.split(".")[1]) + 1
+        elif local.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token")):
+            layer = 0
+        else:
+            continue
+        scale = decay ** (num_blocks + 1 - layer)
+        if local.startswith("patch_embed"):
+            scale *= patch_embed_lr_mult
+        scales[name] = scale
+    return scales
 
 
 def create_optimizer(

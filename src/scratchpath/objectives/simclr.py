@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from scratchpath.backbones import feature_dim
 from scratchpath.objectives.base import SSLObjective
-from scratchpath.objectives.heads import gather_with_grad, projection_mlp, rank_and_world_size
+from scratchpath.objectives.collectives import gather_with_grad, rank_and_world_size
+from scratchpath.objectives.heads import projection_mlp
 
 
 def nt_xent_loss(

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,9 +287,15 @@ def merge_tables(tables: list[TileTable], identity: str) -> TileTable:
             for col in columns.values():
                 col.flush()
 
-        folder = _cached(hashlib.sha256(identity.encode()).hexdigest()[:24], build)
-        columns = {k: v[:n] for k, v in map_columns(folder).items()}
+        try:
+            folder = _cached(hashlib.sha256(identity.encode()).hexdigest()[:24], build)
+            columns = {k: v[:n] for k, v in map_columns(folder).items()}
+        except ScratchpathError as err:  # no writable cache: a private copy still works
+            warnings.warn(f"{err}; merging the tile tables in memory instead", stacklevel=3)
+            columns = None
     else:
+        columns = None
+    if columns is None:
         columns = empty_columns(n)
         fill(columns)
     slides = []
