@@ -24,12 +24,12 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from scratchpath.backbones import create_backbone
 from scratchpath.errors import ScratchpathError
+from scratchpath.objectives.collectives import all_reduce_max
 from scratchpath.objectives.optim import (
     cosine_ramp,
     create_optimizer,
@@ -256,9 +256,7 @@ class SSLObjective(L.LightningModule):
         if self._nonfinite is None or self._nonfinite_copy is not None:
             return
         state = self._nonfinite
-        earliest = state[:1].clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(earliest, op=dist.ReduceOp.MIN)  # queued on the device, no wait
+        earliest = -all_reduce_max(-state[:1])  # the minimum over ranks; queued, no wait
         payload = torch.cat([earliest, state])
         cuda = payload.device.type == "cuda"
         host = torch.empty(3, dtype=torch.float64, pin_memory=cuda)
