@@ -221,3 +221,42 @@ def test_he_normalisation_constants_standardise_real_tiles(deeptexture, lung):
     z = (pixels - np.array(augment.HE_MEAN)) / np.array(augment.HE_STD)
     assert np.all(np.abs(z.mean(0)) < 0.5)
     assert np.all((z.std(0) > 0.6) & (z.std(0) < 1.5))
+
+
+def test_random_resized_boxes_match_albumentations_crop_distribution():
+    """Area fraction and aspect ratio of the device crops against A.RandomResizedCrop's."""
+    scale, n, tile = (0.05, 0.6), 2000, np.zeros((224, 224, 3), np.uint8)
+    crop = A.RandomResizedCrop(size=(32, 32), scale=scale, p=1.0)
+    pipeline = A.Compose([crop], seed=0)
+    areas, ratios = [], []
+    for _ in range(n):
+        params = crop.get_params_dependent_on_data({"shape": tile.shape}, {"image": tile})
+        x0, y0, x1, y1 = params["crop_coords"]
+        areas.append((x1 - x0) * (y1 - y0) / 224**2)
+        ratios.append((x1 - x0) / (y1 - y0))
+    del pipeline
+    boxes = augment.random_resized_boxes(n, scale, torch.Generator().manual_seed(0), "cpu")
+    ours_area = (boxes[:, 2] * boxes[:, 3]).numpy()
+    ours_ratio = (boxes[:, 2] / boxes[:, 3]).numpy()
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, :2] + boxes[:, 2:] <= 1 + 1e-6).all()
+    for ours, theirs in ((ours_area, np.array(areas)), (ours_ratio, np.array(ratios))):
+        quantiles = np.linspace(0.1, 0.9, 9)
+        np.testing.assert_allclose(
+            np.quantile(ours, quantiles), np.quantile(theirs, quantiles), rtol=0.08
+        )
+
+
+def test_random_resized_boxes_fall_back_to_the_whole_tile():
+    # Area 1 with aspect ratios away from 1 never fits: every box is the whole tile.
+    boxes = augment.random_resized_boxes(
+        50, (1.0, 1.0), torch.Generator().manual_seed(0), "cpu", ratio=(2.0, 3.0)
+    )
+    assert torch.equal(boxes, torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(50, 4))
+
+
+def test_solarize_torch_matches_albumentations(deeptexture):
+    tile = deeptexture[5]
+    expected = A.Solarize(threshold_range=(0.5, 0.5), p=1.0).apply(tile, threshold=0.5)
+    out = augment.solarize_torch(_to_batch([tile, tile]), torch.tensor([True, False]))
+    assert np.array_equal(_to_numpy(out)[0], expected)
+    assert np.array_equal(_to_numpy(out)[1], tile)

@@ -59,6 +59,12 @@ def store_path(tmp_path_factory: pytest.TempPathFactory, tiles_dir: Path) -> Pat
 
 
 @pytest.fixture(scope="module")
+def lung_tiles(tiles_dir: Path) -> np.ndarray:
+    files = sorted((tiles_dir / "lc25000_lung_224").glob("*/*.jpeg"))[::12][:16]
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+
+
+@pytest.fixture(scope="module")
 def store(store_path: Path) -> PatchStore:
     return PatchStore(store_path)
 
@@ -389,17 +395,108 @@ def test_unknown_shuffle_mode_is_a_clear_error(store_path: Path) -> None:
         _datamodule(store_path, shuffle="random").train_dataloader()
 
 
+def _transfer(dm: PatchDataModule, batch: dict) -> list[torch.Tensor]:
+    """What Lightning does with a host batch on a CPU trainer: before, (move), after."""
+    batch = {k: v for k, v in batch.items()}  # the hooks pop keys: keep the caller's batch
+    return dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0)["views"]
+
+
+def test_device_path_jpeg_workers_send_only_the_encoded_bytes(
+    store_path: Path, store: PatchStore
+) -> None:
+    from scratchpath.data.module import EncodedTiles
+
+    dm = _datamodule(store_path, views=TwoViews(output_size=32, device_augment=True))
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"encoded", "index"} and isinstance(batch["encoded"], EncodedTiles)
+    encoded = batch["encoded"]
+    assert encoded.data.dtype == torch.uint8 and encoded.data.ndim == 1
+    blobs = store.read_encoded_batch(batch["index"].numpy())
+    assert encoded.sizes == tuple(len(b) for b in blobs)
+    assert encoded.data.numpy().tobytes() == b"".join(blobs)
+    # Decoded batched by torchvision: the store's own decoder's pixels.
+    decoded = encoded.decode("cpu").permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(decoded, store.read(batch["index"].numpy()))
+    views = _transfer(dm, batch)
+    assert [tuple(v.shape) for v in views] == [(8, 3, 32, 32)] * 2
+    assert all(v.dtype == torch.float32 for v in views)
+
+
+def test_encoded_tiles_pin_and_stay_on_the_host_in_lightning_transfers() -> None:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from scratchpath.data.module import EncodedTiles
+
+    encoded = EncodedTiles.from_blobs([b"ab", b"cde"])
+    moved = move_data_to_device({"encoded": encoded, "index": torch.arange(2)}, "cpu")
+    assert moved["encoded"] is encoded  # not a tensor / sequence / dataclass: left alone
+    assert encoded.data.tolist() == list(b"abcde") and encoded.sizes == (2, 3)
+
+
+def test_jpeg_decode_handles_444_and_420_chroma(lung_tiles: np.ndarray) -> None:
+    import imagecodecs
+
+    from scratchpath.data.module import EncodedTiles
+
+    tiles = lung_tiles[:2]
+    for subsampling in ("444", "420"):
+        blobs = [
+            bytes(imagecodecs.jpeg8_encode(t, level=90, subsampling=subsampling)) for t in tiles
+        ]
+        decoded = EncodedTiles.from_blobs(blobs).decode("cpu").permute(0, 2, 3, 1).numpy()
+        expected = np.stack([imagecodecs.jpeg8_decode(b) for b in blobs])
+        np.testing.assert_array_equal(decoded, expected)
+
+
+def test_device_path_lossless_store_decodes_in_the_workers(
+    tmp_path: Path, lung_tiles: np.ndarray
+) -> None:
+    path = tmp_path / "zstd.zarr"
+    with StoreWriter(path, tile_size=224, shard_size=SHARD_SIZE, codec="zstd") as writer:
+        slide = writer.begin_slide({"source": "x", "slide_id": "s", "sha256": "0" * 64, "mpp": 0.5})
+        n = 16
+        slide.add(
+            lung_tiles[:n], x=np.arange(n) * 224, y=np.zeros(n), mpp=np.full(n, 0.5),
+            tissue_fraction=np.ones(n),
+        )  # fmt: skip
+        slide.commit()
+    dm = _datamodule(path, views=MultiCrop(global_size=32, local_size=16, n_local_crops=2))
+    dm.views.device_augment = True
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"tiles", "index"} and batch["tiles"].dtype == torch.uint8
+    np.testing.assert_array_equal(batch["tiles"].numpy(), lung_tiles[batch["index"].numpy()])
+    shapes = [tuple(v.shape) for v in _transfer(dm, batch)]
+    assert shapes == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 2
+
+
+def test_views_path_is_resolved_from_the_trainer_device(store_path: Path) -> None:
+    dm = _datamodule(store_path, views=TwoViews(output_size=32))  # device_augment None
+    assert dm.views.device_augment is None
+    batch = next(iter(dm.train_dataloader()))  # no trainer: a CPU -> the CPU path
+    assert dm.views.device_augment is False and "views" in batch
+
+
+def test_workers_limit_opencv_and_torch_to_one_thread(store_path: Path) -> None:
+    import cv2
+
+    from scratchpath.data.module import limit_worker_threads
+
+    before = (cv2.getNumThreads(), torch.get_num_threads())
+    try:
+        limit_worker_threads(0)
+        assert (cv2.getNumThreads(), torch.get_num_threads()) == (1, 1)
+    finally:
+        cv2.setNumThreads(before[0])
+        torch.set_num_threads(before[1])
+    loader = _datamodule(store_path, num_workers=1).train_dataloader()
+    assert loader.worker_init_fn is limit_worker_threads and loader.persistent_workers
+
+
 def test_device_augmentation_is_seeded_per_batch(store_path: Path) -> None:
     dm = _datamodule(store_path, views=TwoViews(output_size=32, device_augment=True))
     batch = next(iter(dm.train_dataloader()))
-
-    def transfer(batch: dict) -> list[torch.Tensor]:
-        return dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0)["views"]
-
-    once = transfer(batch)
-    assert all(torch.equal(a, b) for a, b in zip(once, transfer(batch), strict=True))
-    plain = [dm.views.normalize(v) for v in batch["views"]]
-    assert not all(torch.equal(a, b) for a, b in zip(once, plain, strict=True))
+    once = _transfer(dm, batch)
+    assert all(torch.equal(a, b) for a, b in zip(once, _transfer(dm, batch), strict=True))
     # The same pixels arriving as another batch (another first tile) get other augmentations.
-    as_other_batch = transfer({**batch, "index": batch["index"].roll(1)})
+    as_other_batch = _transfer(dm, {**batch, "index": batch["index"].roll(1)})
     assert not torch.equal(as_other_batch[0], once[0])

@@ -172,3 +172,24 @@ def test_hparams_include_base_and_objective_arguments():
     assert module.hparams.backbone == "vit_tiny_patch16_224"
     assert module.hparams.lr == 0.3 and module.hparams.proj_out_dim == 16
     assert math.isclose(module.hparams.temperature, 0.1)
+
+
+def test_nonfinite_loss_is_seen_at_the_next_check_and_named_by_its_step():
+    seen_steps: list[int] = []
+
+    class Diverging(SimCLR):
+        def compute_loss(self, views):
+            seen_steps.append(self.global_step)
+            loss = super().compute_loss(views)
+            return loss * float("inf") if self.global_step == 2 else loss
+
+    module = Diverging(**TINY_VIT, **SMALL_HEAD, warmup_epochs=0, nonfinite_check_every=3)
+    with pytest.raises(ScratchpathError, match="step 2: loss is inf"):
+        fit(module, [synthetic_batch(4)] * 20, max_steps=20)
+    # Copied after batch 3 (step 2), read at the start of the next: the run stops there.
+    assert seen_steps == [0, 1, 2]
+
+
+def test_nonfinite_check_every_must_be_positive():
+    with pytest.raises(ScratchpathError, match="nonfinite_check_every"):
+        SimCLR(**TINY_VIT, **SMALL_HEAD, nonfinite_check_every=0)

@@ -1,4 +1,5 @@
-"""View generators on real H&E tiles: shapes, seeding, pickling, device path, recipe binding."""
+"""View generators on real H&E tiles: shapes, seeding, pickling, the device path (geometry
+exactness, distributions against the CPU path, asymmetric DINO crops), recipe binding."""
 
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def _views(generator, tile: np.ndarray, seed: int) -> list[torch.Tensor]:
         ),
         (MAEView(output_size=112), [(3, 112, 112)]),
         (TwoViews(output_size=64, device_augment=True), [(3, 64, 64)] * 2),
+        (MultiCrop(global_size=64, n_local_crops=0), [(3, 64, 64)] * 2),
     ],
-    ids=["two", "multicrop", "mae", "two-device"],
+    ids=["two", "multicrop", "mae", "two-device", "globals-only"],
 )
 def test_view_shapes_dtype_and_count(generator, shapes, tiles):
     for tile in tiles:
@@ -68,16 +70,13 @@ def test_two_views_of_one_tile_differ(tiles):
 
 def test_views_survive_pickling_with_identical_output(tiles):
     generator = MultiCrop(global_size=64, local_size=32, n_local_crops=2, device_augment=True)
-    generator.on_device(
-        [torch.zeros(1, 3, 64, 64, dtype=torch.uint8)] * 2
-        + [torch.zeros(1, 3, 32, 32, dtype=torch.uint8)] * 2
-    )
-    clone = pickle.loads(pickle.dumps(generator))  # after a torch.Generator was created
+    generator.device_views(_batch(tiles[3:4]))  # creates a torch.Generator and cached constants
+    clone = pickle.loads(pickle.dumps(generator))
     for a, b in zip(_views(generator, tiles[2], 4), _views(clone, tiles[2], 4), strict=True):
         assert torch.equal(a, b)
 
 
-def test_on_device_only_normalises_without_device_augment(tiles):
+def test_on_device_only_normalises_cpu_path_views(tiles):
     generator = TwoViews(output_size=64)
     views = [v[None] for v in _views(generator, tiles[0], 0)]
     out = generator.on_device(views)
@@ -88,42 +87,144 @@ def test_on_device_only_normalises_without_device_augment(tiles):
     assert torch.equal(generator.denormalize(out[1]), views[1])
 
 
-def test_device_augment_cpu_side_is_crop_only(tiles):
-    """With device_augment the CPU returns the plain crop: no colour change yet."""
-    cpu_only = TwoViews(output_size=224, crop_scale=(1.0, 1.0), device_augment=True)
-    tile = tiles[3]  # 224x224 LC25000 tile: a full-area crop is the tile itself
-    for view in _views(cpu_only, tile, 0):
-        assert np.array_equal(view.permute(1, 2, 0).numpy(), tile)
+def _batch(tiles: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
 
 
-def test_device_augment_applies_augmentations_on_device(tiles):
-    generator = TwoViews(output_size=224, crop_scale=(1.0, 1.0), device_augment=True)
-    views = [v[None] for v in _views(generator, tiles[3], 0)]
-    out = generator.on_device(views, generator=torch.Generator().manual_seed(0))
+NO_COLOUR = dict(hed_strength=0.0, brightness=0.0, contrast=0.0, gamma=0.0, blur_p=0.0, gray_p=0.0)
+
+
+@pytest.mark.parametrize(
+    ("generator", "shapes"),
+    [
+        (TwoViews(output_size=64, device_augment=True), [(3, 3, 64, 64)] * 2),
+        (
+            MultiCrop(
+                global_size=64, local_size=32, n_local_crops=3, device_augment=True,
+                global_blur_p=[1.0, 0.1], global_solarize_p=[0.0, 0.2],
+            ),
+            [(3, 3, 64, 64)] * 2 + [(3, 3, 32, 32)] * 3,
+        ),
+        (MAEView(output_size=48, device_augment=True), [(3, 3, 48, 48)]),
+    ],
+    ids=["two", "multicrop", "mae"],
+)  # fmt: skip
+def test_device_views_of_every_kind_are_float_normalised_batches(generator, shapes, tiles):
+    out = generator.device_views(_batch(tiles[3:6]), torch.Generator().manual_seed(0))
+    assert [tuple(v.shape) for v in out] == shapes
+    assert all(v.dtype == torch.float32 and v.is_contiguous() for v in out)
+    assert not torch.equal(out[0][0], out[0][1])  # other tiles
+    assert len(out) == 1 or not torch.equal(out[0], out[1])  # other random views
+
+
+def test_device_full_crop_without_augmentation_is_the_tile(tiles):
+    """A whole-tile crop resized to the tile size samples every pixel centre: the identity."""
+    generator = TwoViews(output_size=224, crop_scale=(1.0, 1.0), d4=False, **NO_COLOUR)
+    batch = _batch(tiles[3:5])
+    for view in generator.device_views(batch, torch.Generator().manual_seed(0)):
+        assert torch.equal(generator.denormalize(view), batch)
+
+
+def test_device_d4_gives_each_of_the_eight_symmetries_exactly(tiles):
+    generator = TwoViews(output_size=224, crop_scale=(1.0, 1.0), d4=True, **NO_COLOUR)
+    batch = _batch(tiles[3:4]).expand(64, -1, -1, -1)
+    views = generator.device_views(batch, torch.Generator().manual_seed(0))
+    tile = torch.from_numpy(tiles[3].copy()).permute(2, 0, 1)
+    from albumentations.core.type_definitions import d4_group_elements
+
+    from scratchpath.augment import _d4_one
+
+    symmetries = [_d4_one(tile, name) for name in d4_group_elements]
+    seen = set()
+    for view in torch.cat(views):
+        matches = [
+            i
+            for i, s in enumerate(symmetries)
+            if torch.equal(generator.denormalize(view[None])[0], s)
+        ]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == set(range(8))
+
+
+def test_device_micron_crops_use_the_store_resolution(tiles):
+    # 112 µm at 0.5 µm/px is the whole 224 px tile: the identity again, whatever crop_scale says.
+    generator = TwoViews(
+        output_size=224, crop_scale=(0.2, 0.3), crop_microns=(112.0, 112.0), mpp=0.5, d4=False,
+        **NO_COLOUR,
+    )  # fmt: skip
+    batch = _batch(tiles[3:4])
+    assert torch.equal(generator.denormalize(generator.device_views(batch)[0]), batch)
+
+
+def test_device_augmentations_change_the_views(tiles):
+    generator = TwoViews(output_size=224, crop_scale=(1.0, 1.0), d4=False, device_augment=True)
+    batch = _batch(tiles[3:4]).expand(8, -1, -1, -1)
+    out = generator.device_views(batch, torch.Generator().manual_seed(0))
     changed = [
-        not torch.equal(generator.denormalize(o), v) for o, v in zip(out, views, strict=True)
+        not torch.equal(generator.denormalize(o[i : i + 1]), batch[:1])
+        for o in out
+        for i in range(8)
     ]
-    assert any(changed)
+    assert sum(changed) >= 12  # colour p 0.8, stain p 0.8, blur 0.5: almost every view changes
 
 
 def test_device_path_matches_cpu_path_in_distribution(tiles):
-    """Mean and spread of per-view channel means agree between CPU and device pipelines."""
-    tile, n = tiles[0], 120
+    """Mean and spread of per-view channel means agree between the CPU path (albumentations,
+    per tile) and the device path (batched torch on whole tiles)."""
+    tile, n = tiles[0], 160
     kwargs = dict(output_size=64, crop_scale=(0.3, 1.0), hed_strength=0.2, gray_p=0.2)
     cpu, dev = TwoViews(**kwargs), TwoViews(**kwargs, device_augment=True)
-    cpu_means, crops = [], []
-    for seed in range(n // 2):
-        cpu_means += [v.float().mean((1, 2)) for v in _views(cpu, tile, seed)]
-        crops += _views(dev, tile, seed)
-    batch = torch.stack(crops)
-    out = dev.on_device(
-        [batch[: n // 2], batch[n // 2 :]], generator=torch.Generator().manual_seed(1)
+    cpu_means = torch.stack(
+        [v.float().mean((1, 2)) for seed in range(n // 2) for v in _views(cpu, tile, seed)]
     )
+    out = dev.device_views(_batch([tile] * (n // 2)), torch.Generator().manual_seed(1))
     dev_means = dev.denormalize(torch.cat(out)).float().mean((2, 3))
-    cpu_means = torch.stack(cpu_means)
     spread = cpu_means.std(0)
     assert torch.all((cpu_means.mean(0) - dev_means.mean(0)).abs() < 0.35 * spread)
     torch.testing.assert_close(dev_means.std(0), spread, rtol=0.3, atol=0)
+
+
+def _sharpness(views: torch.Tensor) -> torch.Tensor:
+    """Mean absolute horizontal gradient per view: blur lowers it."""
+    x = views.float()
+    return (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))
+
+
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_dino_asymmetric_global_crops_blur_one_and_solarise_the_other(path, tiles):
+    kwargs = dict(
+        global_size=96, local_size=32, n_local_crops=1, crop_microns=None, brightness=0.0,
+        contrast=0.0, gamma=0.0, gray_p=0.0, hed_strength=0.0, blur_sigma=(1.5, 2.0),
+        global_blur_p=[1.0, 0.0], global_solarize_p=[0.0, 1.0],
+    )  # fmt: skip
+    tile, n = tiles[0], 16
+    if path == "cpu":
+        generator = MultiCrop(**kwargs)
+        per_tile = [_views(generator, tile, seed) for seed in range(n)]
+        first, second = (torch.stack([v[i] for v in per_tile]) for i in (0, 1))
+    else:
+        generator = MultiCrop(**kwargs, device_augment=True)
+        out = generator.device_views(_batch([tile] * n), torch.Generator().manual_seed(0))
+        first, second = (generator.denormalize(v) for v in out[:2])
+    # Solarised: every pixel >= 128 was inverted (the device path's float 127.6 rounds to 128).
+    assert int(second.max()) <= 128
+    assert int(first.max()) > 127
+    plain = MultiCrop(**{**kwargs, "global_blur_p": [0.0, 0.0]})
+    sharp = torch.stack([_views(plain, tile, seed)[0] for seed in range(n)])
+    assert _sharpness(first).mean() < 0.7 * _sharpness(sharp).mean()
+
+
+def test_asymmetric_probabilities_need_one_value_per_crop():
+    with pytest.raises(ScratchpathError, match="global_blur_p: needs 2 values"):
+        MultiCrop(global_blur_p=[1.0])
+
+
+def test_device_augment_none_resolves_from_the_device():
+    assert TwoViews().resolve_device_augment("cuda") is True
+    assert TwoViews().resolve_device_augment("cpu") is False
+    assert TwoViews(device_augment=False).resolve_device_augment("cuda") is False
+    assert TwoViews(hue=0.1).resolve_device_augment("cuda") is False  # no device hue jitter
 
 
 def test_hestain_is_selectable(tiles):
@@ -163,14 +264,11 @@ def test_recipe_style_config_instantiates_a_view_generator():
     assert isinstance(views, MultiCrop) and views.n_views == 6
 
 
-def test_saturation_hue_jitter_stays_on_cpu_with_device_augment(tiles):
-    """ColorJitter has no torch twin, so the CPU applies it even when device_augment is set."""
-    generator = TwoViews(
-        output_size=224, crop_scale=(1.0, 1.0), saturation=0.5, hue=0.1, color_p=1.0,
-        device_augment=True,
-    )  # fmt: skip
-    views = _views(generator, tiles[3], 0)
-    assert not np.array_equal(views[0].permute(1, 2, 0).numpy(), tiles[3])
+def test_cpu_only_augmentations_reject_an_explicit_device_path():
+    with pytest.raises(ScratchpathError, match="device_augment"):
+        TwoViews(saturation=0.5, device_augment=True)
+    with pytest.raises(ScratchpathError, match="device_augment"):
+        MultiCrop(stain="hestain", device_augment=True)
 
 
 def test_on_device_rejects_the_wrong_number_of_view_batches():

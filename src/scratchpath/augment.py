@@ -1,15 +1,18 @@
-"""Pathology augmentations: albumentations transforms and their batched torch twins.
+"""Pathology augmentations: albumentations transforms and their batched, sync-free torch twins.
 
 Tissue has no "up" (so the 8 dihedral symmetries D4 are free augmentations) and stain colour
 varies by lab and scanner while morphology does not (so stain jitter in optical-density space is
 the colour augmentation of choice). Every numpy transform here is an albumentations transform
 seeded through ``A.Compose(..., seed=)`` / ``set_random_state``; every torch twin takes explicit
 per-sample parameters (``*_params`` draw them from a ``torch.Generator``) and works on uint8
-``(B, 3, H, W)`` batches on any device, matching the numpy path in distribution.
+``(B, 3, H, W)`` batches on any device, matching the numpy path in distribution, without a
+single device-to-host synchronisation (so a GPU never waits for the CPU to look at a value).
+The albumentations transforms stay the building blocks of users' own CPU pipelines.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +30,23 @@ __all__ = [
     "HE_STD",
     "HEDJitter",
     "MacenkoNormalize",
+    "brightness_contrast_float",
     "brightness_contrast_torch",
     "d4_torch",
+    "gamma_float",
     "gamma_torch",
+    "gaussian_blur_float",
     "gaussian_blur_torch",
     "hed_affine",
+    "hed_jitter_float",
     "hed_jitter_torch",
+    "hed_params",
     "micron_crop_scale",
+    "random_resized_boxes",
+    "resized_crops",
+    "solarize_float",
+    "solarize_torch",
+    "to_gray_float",
     "to_gray_torch",
 ]
 
@@ -276,7 +289,54 @@ def micron_crop_scale(
 
 
 # ----------------------------------------------------------------------------------------------
-# Batched torch twins: uint8 (B, 3, H, W) in, uint8 out, explicit per-sample parameters.
+# Batched torch twins. Public ones take uint8 (B, 3, H, W) and return uint8, with explicit
+# per-sample parameters; the ``*_float`` ones work on float32 images in 0..255 (what the device
+# view pipeline chains without re-quantising). None of them synchronises device and host: no
+# ``.item()``, ``.nonzero()``, boolean indexing or shape that depends on tensor values, and the
+# constants they need are cached per device instead of copied from host memory at every call.
+
+_DEVICE_CONSTANTS: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _constant(name: str, value: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``value`` as float32 on ``device``, copied there once per process."""
+    key = (name, str(device))
+    tensor = _DEVICE_CONSTANTS.get(key)
+    if tensor is None:
+        tensor = torch.as_tensor(np.asarray(value, np.float32), device=device)
+        _DEVICE_CONSTANTS[key] = tensor
+    return tensor
+
+
+def _per_sample(x: torch.Tensor) -> torch.Tensor:
+    return x.float().view(-1, 1, 1, 1)
+
+
+def _quantise(x: torch.Tensor) -> torch.Tensor:
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def hed_jitter_float(
+    images: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    background_od: tuple[float, float] = (0.3, 0.6),
+) -> torch.Tensor:
+    """:func:`hed_jitter_torch` on float32 0..255 images; returns float32 (not rounded)."""
+    device = images.device
+    rgb_from_hed = _constant("rgb_from_hed", RGB_FROM_HED, device)
+    hed_from_rgb = _constant("hed_from_rgb", HED_FROM_RGB, device)
+    matrix = hed_from_rgb @ (alpha.float()[:, :, None] * rgb_from_hed)  # (B, 3, 3)
+    bias = beta.float() @ rgb_from_hed  # (B, 3)
+    b, c, h, w = images.shape
+    log_img = images.reshape(b, c, h * w).float().add(1.0).div_(256.0).log_()  # L = -OD
+    # Change of L: (M - I)^T L - b per pixel, as one batched matmul (B, 3, 3) @ (B, 3, HW).
+    change = (matrix - torch.eye(3, device=device)).transpose(1, 2)
+    delta = torch.baddbmm(-bias[:, :, None], change, log_img)
+    lo, hi = background_od
+    weight = log_img.sum(1, keepdim=True).neg_().sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
+    out = delta.mul_(weight).add_(log_img).exp_().mul_(256.0).sub_(1.0)
+    return out.clamp_(0, 255).reshape(b, c, h, w)
 
 
 def hed_jitter_torch(
@@ -286,20 +346,7 @@ def hed_jitter_torch(
     background_od: tuple[float, float] = (0.3, 0.6),
 ) -> torch.Tensor:
     """The fused HED map of :class:`HEDJitter` with per-sample ``alpha``, ``beta`` (B, 3)."""
-    device = images.device
-    rgb_from_hed = torch.as_tensor(RGB_FROM_HED, dtype=torch.float32, device=device)
-    hed_from_rgb = torch.as_tensor(HED_FROM_RGB, dtype=torch.float32, device=device)
-    matrix = hed_from_rgb @ (alpha.float()[:, :, None] * rgb_from_hed)  # (B, 3, 3)
-    bias = beta.float() @ rgb_from_hed  # (B, 3)
-    b, c, h, w = images.shape
-    log_img = images.reshape(b, c, h * w).float().add_(1.0).div_(256.0).log_()  # L = -OD
-    # Change of L: (M - I)^T L - b per pixel, as one batched matmul (B, 3, 3) @ (B, 3, HW).
-    change = (matrix - torch.eye(3, device=device)).transpose(1, 2)
-    delta = torch.baddbmm(-bias[:, :, None], change, log_img)
-    lo, hi = background_od
-    weight = log_img.sum(1, keepdim=True).neg_().sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
-    out = delta.mul_(weight).add_(log_img).exp_().mul_(256.0).sub_(1.0)
-    return out.round_().clamp_(0, 255).to(torch.uint8).reshape(b, c, h, w)
+    return _quantise(hed_jitter_float(images, alpha, beta, background_od))
 
 
 def hed_params(
@@ -310,52 +357,143 @@ def hed_params(
     return 1 + strength * (2 * u[0] - 1), beta_strength * (2 * u[1] - 1)
 
 
-def d4_torch(images: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:
-    """Per-sample D4 symmetry; ``elements`` (B,) index ``d4_group_elements`` as ``A.D4`` does."""
-    out = images.clone()
-    for index, name in enumerate(d4_group_elements):
-        chosen = (elements == index).nonzero().flatten()
-        if len(chosen):
-            out[chosen] = _d4_one(images[chosen], name)
-    return out
-
-
 def _d4_one(x: torch.Tensor, name: str) -> torch.Tensor:
-    # (B, C, H, W); numpy's rot90 on (H, W) rotates counter-clockwise in dims (H, W).
+    # (..., H, W); numpy's rot90 on (H, W) rotates counter-clockwise in dims (H, W).
     transforms = {
         "e": lambda t: t,
-        "r90": lambda t: torch.rot90(t, 1, (2, 3)),
-        "r180": lambda t: torch.rot90(t, 2, (2, 3)),
-        "r270": lambda t: torch.rot90(t, 3, (2, 3)),
-        "v": lambda t: t.flip(2),
-        "hvt": lambda t: torch.rot90(t, 2, (2, 3)).transpose(2, 3),
-        "h": lambda t: t.flip(3),
-        "t": lambda t: t.transpose(2, 3),
+        "r90": lambda t: torch.rot90(t, 1, (-2, -1)),
+        "r180": lambda t: torch.rot90(t, 2, (-2, -1)),
+        "r270": lambda t: torch.rot90(t, 3, (-2, -1)),
+        "v": lambda t: t.flip(-2),
+        "hvt": lambda t: torch.rot90(t, 2, (-2, -1)).transpose(-2, -1),
+        "h": lambda t: t.flip(-1),
+        "t": lambda t: t.transpose(-2, -1),
     }
     return transforms[name](x)
 
 
-def gaussian_blur_torch(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-sample Gaussian blur like ``A.GaussianBlur(blur_limit=0)``: kernel size
-    ``int(3.5 * sigma) * 2 + 1``, reflect-101 borders (OpenCV's default); ``sigma <= 0`` skips."""
-    sigma = sigma.float()
-    radius = (sigma * 3.5).floor().long()  # (B,)
-    max_radius = int(radius.max().item()) if len(sigma) else 0
-    if max_radius == 0:
+def d4_torch(images: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:
+    """Per-sample D4 symmetry of square images; ``elements`` (B,) index ``d4_group_elements``
+    as ``A.D4`` does. One gather through a per-element pixel permutation: no host sync."""
+    b, c, h, w = images.shape
+    if h != w:
+        raise ScratchpathError(f"d4: needs square images, got {h}x{w}")
+    positions = torch.arange(h * w, device=images.device).view(h, w)
+    table = torch.stack([_d4_one(positions, name).reshape(-1) for name in d4_group_elements])
+    index = table[elements.long()]  # (B, HW): source pixel of every output pixel
+    flat = images.reshape(b, c, h * w)
+    return flat.gather(2, index[:, None].expand(b, c, h * w)).view(b, c, h, w)
+
+
+def random_resized_boxes(
+    n: int,
+    scale: torch.Tensor | tuple[float, float],
+    generator: torch.Generator,
+    device: Any,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    aspect: float = 1.0,
+    tries: int = 10,
+) -> torch.Tensor:
+    """``n`` crop boxes ``(x0, y0, width, height)`` as fractions of the tile side, drawn like
+    ``A.RandomResizedCrop``: area fraction ~ U(scale), log aspect ratio ~ U(log ratio), the
+    first of ``tries`` draws that fits, else the whole tile; position uniform.
+
+    ``scale`` is a pair or an (n, 2) tensor (per-sample ranges); ``aspect`` is the tile's
+    width / height. The tries are drawn at once and the first fit chosen by ``argmax``, so the
+    number of draws never depends on the data (no host sync; albumentations stops early).
+    """
+    u = torch.rand(4, tries, n, generator=generator, device=device)
+    if isinstance(scale, torch.Tensor):  # (n, 2) per-sample ranges, already on the device
+        low, high = scale[:, 0].float(), scale[:, 1].float()
+    else:  # Python numbers: no host-to-device copy
+        low, high = float(scale[0]), float(scale[1])
+    area = low + (high - low) * u[0]  # (tries, n)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    log_ratio = log_lo + (log_hi - log_lo) * u[1]
+    # Side fractions: width_px = sqrt(area * H * W * r) -> / W; height likewise -> / H.
+    width = (area * log_ratio.exp() / aspect).sqrt()
+    height = (area / log_ratio.exp() * aspect).sqrt()
+    fits = (width <= 1) & (height <= 1)
+    first = fits.to(torch.uint8).argmax(0)  # (n,) index of the first fitting try (0 if none)
+    pick = first[None]
+    width, height = width.gather(0, pick)[0], height.gather(0, pick)[0]
+    x0 = (1 - width) * u[2].gather(0, pick)[0]
+    y0 = (1 - height) * u[3].gather(0, pick)[0]
+    fitted = fits.any(0)  # else the whole tile (square tiles: the central crop of A)
+    x0, y0 = torch.where(fitted, x0, 0.0), torch.where(fitted, y0, 0.0)
+    width, height = torch.where(fitted, width, 1.0), torch.where(fitted, height, 1.0)
+    return torch.stack([x0, y0, width, height], dim=1)  # (n, 4)
+
+
+def resized_crops(
+    tiles: torch.Tensor, boxes: torch.Tensor, elements: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Bilinear ``size`` x ``size`` crops of ``tiles`` with a D4 symmetry folded into each.
+
+    ``tiles`` (B, C, H, W) float, ``boxes`` (V, B, 4) as from :func:`random_resized_boxes`,
+    ``elements`` (V, B) in 0..7 (bit 0: transpose, bit 1: mirror left-right, bit 2: mirror
+    up-down; the 8 combinations are the 8 elements of D4). All V crops of every tile come from
+    one ``grid_sample`` (the V grids stacked along the output height), so no tile is copied V
+    times. Sampling at output pixel centres with edge clamping is ``cv2.resize``'s INTER_LINEAR
+    (what ``A.RandomResizedCrop`` uses). Returns (V, B, C, size, size).
+    """
+    v, b = boxes.shape[:2]
+    centres = (torch.arange(size, device=tiles.device, dtype=torch.float32) + 0.5) / size
+    across = centres.view(1, 1, 1, size).expand(v, b, size, size)  # output column position
+    down = centres.view(1, 1, size, 1).expand(v, b, size, size)  # output row position
+    elements = elements.view(v, b, 1, 1)
+    transpose = (elements & 1).bool()
+    across, down = torch.where(transpose, down, across), torch.where(transpose, across, down)
+    across = torch.where((elements & 2).bool(), 1 - across, across)
+    down = torch.where((elements & 4).bool(), 1 - down, down)
+    x0, y0, width, height = (boxes[..., i, None, None] for i in range(4))
+    grid = torch.stack([x0 + width * across, y0 + height * down], dim=-1).mul_(2).sub_(1)
+    grid = grid.permute(1, 0, 2, 3, 4).reshape(b, v * size, size, 2)  # views stacked in height
+    out = torch.nn.functional.grid_sample(
+        tiles, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )  # (B, C, V * size, size)
+    return out.view(b, -1, v, size, size).permute(2, 0, 1, 3, 4)
+
+
+def gaussian_blur_float(
+    images: torch.Tensor, sigma: torch.Tensor, max_sigma: float
+) -> torch.Tensor:
+    """:func:`gaussian_blur_torch` on float images, returns float (not rounded)."""
+    radius_max = int(3.5 * max_sigma)
+    if radius_max == 0:
         return images
-    x = torch.arange(-max_radius, max_radius + 1, device=images.device, dtype=torch.float32)
+    sigma = sigma.float()
+    radius = (sigma * 3.5).floor()  # (B,): A.GaussianBlur's kernel of size 2 * radius + 1
+    x = torch.arange(-radius_max, radius_max + 1, device=images.device, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (x[None] / sigma.clamp_min(1e-6)[:, None]) ** 2)
     kernel = kernel * (x[None].abs() <= radius[:, None])  # zero outside each sample's size
-    kernel = kernel / kernel.sum(1, keepdim=True)  # (B, K)
+    kernel = kernel / kernel.sum(1, keepdim=True)  # (B, K); sigma 0 -> the identity kernel
     b, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images.float(), (max_radius,) * 4, mode="reflect").reshape(
-        1, b * c, h + 2 * max_radius, w + 2 * max_radius
+    pad = (radius_max,) * 4
+    padded = torch.nn.functional.pad(images.float(), pad, mode="reflect").reshape(
+        1, b * c, h + 2 * radius_max, w + 2 * radius_max
     )
     k = kernel.repeat_interleave(c, 0)  # (B*C, K)
     rows = torch.nn.functional.conv2d(padded, k[:, None, :, None], groups=b * c)
-    out = torch.nn.functional.conv2d(rows, k[:, None, None, :], groups=b * c).reshape(b, c, h, w)
-    out = out.round_().clamp_(0, 255).to(torch.uint8)
-    return torch.where((radius > 0)[:, None, None, None], out, images)
+    return torch.nn.functional.conv2d(rows, k[:, None, None, :], groups=b * c).view(b, c, h, w)
+
+
+def gaussian_blur_torch(
+    images: torch.Tensor, sigma: torch.Tensor, max_sigma: float = 2.0
+) -> torch.Tensor:
+    """Per-sample Gaussian blur like ``A.GaussianBlur(blur_limit=0)``: kernel size
+    ``int(3.5 * sigma) * 2 + 1``, reflect-101 borders (OpenCV's default); ``sigma <= 0`` (and
+    sigma below 1/3.5) leaves a sample unchanged. The kernel array has the fixed size of
+    ``max_sigma`` (the upper bound of the sigma range), so its shape never depends on the data;
+    sigmas above ``max_sigma`` are truncated to that size."""
+    return _quantise(gaussian_blur_float(images, sigma, max_sigma))
+
+
+def brightness_contrast_float(
+    images: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+) -> torch.Tensor:
+    """``clip(x * alpha + beta)`` per sample on float images."""
+    return images.float().mul(_per_sample(alpha)).add_(_per_sample(beta)).clamp_(0, 255)
 
 
 def brightness_contrast_torch(
@@ -363,19 +501,44 @@ def brightness_contrast_torch(
 ) -> torch.Tensor:
     """``clip(x * alpha + beta)`` per sample, as ``A.RandomBrightnessContrast`` with
     ``brightness_by_max=True`` (``beta`` already in 0..255 units). Truncates like its LUT."""
-    out = images.float() * alpha.float()[:, None, None, None] + beta.float()[:, None, None, None]
-    return out.clamp_(0, 255).to(torch.uint8)
+    return brightness_contrast_float(images, alpha, beta).to(torch.uint8)
+
+
+def gamma_float(images: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``(x / 255) ** gamma * 255`` per sample on float images."""
+    # exp(gamma * log x) is pow with a per-sample exponent, 1.5x faster on CPU; log 0 = -inf
+    # maps back to 0 as gamma > 0.
+    out = (images.float() / 255.0).log_().mul_(_per_sample(gamma)).exp_()
+    return out.mul_(255.0).clamp_(0, 255)
 
 
 def gamma_torch(images: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """``(x / 255) ** gamma * 255`` per sample, truncated, as ``A.RandomGamma``'s uint8 LUT."""
-    out = (images.float() / 255.0) ** gamma.float()[:, None, None, None] * 255.0
-    return out.clamp_(0, 255).to(torch.uint8)
+    return gamma_float(images, gamma).to(torch.uint8)
+
+
+def to_gray_float(images: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma replicated to 3 channels where ``apply`` (B,) bool, on float images."""
+    r, g, b = images.float().unbind(1)
+    gray = (0.299 * r + 0.587 * g + 0.114 * b)[:, None].expand_as(images)
+    return torch.where(apply.view(-1, 1, 1, 1), gray, images)
 
 
 def to_gray_torch(images: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     """ITU-R 601 luma (``A.ToGray`` weighted average) replicated to 3 channels where ``apply``."""
-    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device)
-    gray = torch.einsum("bchw,c->bhw", images.float(), weights).round_().clamp_(0, 255)
-    gray = gray.to(torch.uint8)[:, None].expand_as(images)
-    return torch.where(apply[:, None, None, None], gray, images)
+    gray = _quantise(to_gray_float(images.float(), torch.ones_like(apply)))
+    return torch.where(apply.view(-1, 1, 1, 1), gray, images)
+
+
+def solarize_float(
+    images: torch.Tensor, apply: torch.Tensor, threshold: float = 127.5
+) -> torch.Tensor:
+    """``255 - x`` for pixels ``>= threshold`` where ``apply`` (B,) bool (``A.Solarize``'s
+    default threshold 0.5 of the range: uint8 values from 128 up)."""
+    flipped = torch.where(images >= threshold, 255.0 - images, images)
+    return torch.where(apply.view(-1, 1, 1, 1), flipped, images)
+
+
+def solarize_torch(images: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """``A.Solarize`` (default threshold) on uint8 images where ``apply`` (B,) bool."""
+    return solarize_float(images.float(), apply).to(torch.uint8)

@@ -116,13 +116,19 @@ def preview_views(
     """Views of each tile (rows of (h, w, 3) uint8), device augmentations included."""
     import torch
 
-    per_tile = []
-    for i, tile in enumerate(tiles):
-        views.set_seed(seed * 1_000_003 + i)
-        per_tile.append(views(tile))
-    batches = [torch.stack(column).to(device) for column in zip(*per_tile, strict=True)]
     generator = torch.Generator(device=device).manual_seed(seed)
-    shown = [views.denormalize(x).cpu() for x in views.on_device(batches, generator=generator)]
+    views.resolve_device_augment(device)  # null in a recipe: what training on this device does
+    if views.device_augment:  # the device path builds every view from the whole tiles
+        batch = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).to(device)
+        made = views.device_views(batch, generator=generator)
+    else:
+        per_tile = []
+        for i, tile in enumerate(tiles):
+            views.set_seed(seed * 1_000_003 + i)
+            per_tile.append(views(tile))
+        batches = [torch.stack(column).to(device) for column in zip(*per_tile, strict=True)]
+        made = views.on_device(batches)
+    shown = [views.denormalize(x).cpu() for x in made]
     return [[b[i].permute(1, 2, 0).numpy() for b in shown] for i in range(len(tiles))]
 
 

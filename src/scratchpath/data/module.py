@@ -3,10 +3,19 @@
 The pipeline per rank::
 
     DistributedBatchSampler (main process)  -- plans the epoch, yields BatchRequest(epoch, indices)
-      -> DataLoader(batch_size=None) workers -- ViewBatches: one store.read per batch, then the
-                                                views of each tile, seeded by (seed, epoch, tile)
-      -> {"views": [uint8 (B, 3, h, w)] * n_views, "index": int64 (B,)}   (pinned, uint8 transfer)
-      -> on_after_batch_transfer             -- views.on_device: float32 normalised on the device
+      -> DataLoader(batch_size=None) workers -- ViewBatches: one store read per batch, then
+      -> a host batch, pinned (uint8 and the int64 indices only), by the path of the views:
+           CPU path:          {"views": [uint8 (B, 3, h, w)] * n_views}  views made per tile,
+                              seeded by (seed, epoch, tile)
+           device path, JPEG: {"encoded": EncodedTiles}  the tiles' JPEG bytes, not decoded
+           device path, lossless codecs: {"tiles": uint8 (B, H, W, 3)}  decoded in the worker
+      -> on_after_batch_transfer             -- on the device: decode the JPEG bytes batched
+                                                (torchvision.io.decode_jpeg, nvJPEG on CUDA),
+                                                views.device_views (device path) or
+                                                views.on_device (CPU path) -> float32 views
+
+The device path (``views.device_augment``; ``None`` = on CUDA) leaves the workers reading bytes
+only: ``benchmarks/bench_input.py`` measures the CPU core-ms per tile of both paths.
 
 Reading a whole batch with one ``store.read`` gives 1.3x the tiles/s of per-tile reads
 (``benchmarks/bench_loader.py``). The sampling plan (shuffle modes, slide balance, tissue
@@ -23,7 +32,9 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any, Literal
 
+import cv2
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
@@ -35,13 +46,63 @@ from scratchpath.store import PatchStore
 from scratchpath.views import ViewGenerator
 
 
-class ViewBatches(Dataset):
-    """Maps a :class:`BatchRequest` to its batch: one ``store.read``, then seeded views per tile.
+class EncodedTiles:
+    """The encoded bytes of a batch of tiles: one flat uint8 tensor and each tile's length.
 
-    The seed of a tile's views depends only on (seed, epoch, tile index), so batches are the same
-    whatever the number of workers, ranks or the batch a tile lands in. Each DataLoader worker
-    reads through its own file handles: a spawned worker gets the store pickled by path and
-    reopens it, a forked one has the store drop the parent's handles on first use.
+    One buffer pins and copies cheaply. It is deliberately not a tensor, a sequence or a
+    dataclass, so Lightning's batch transfer leaves it on the host: ``decode_jpeg`` wants its
+    input in host memory and moves the decoded pixels to the device itself.
+    """
+
+    def __init__(self, data: torch.Tensor, sizes: tuple[int, ...]) -> None:
+        self.data, self.sizes = data, sizes
+
+    @classmethod
+    def from_blobs(cls, blobs: list[bytes]) -> EncodedTiles:
+        sizes = tuple(len(blob) for blob in blobs)
+        data = torch.empty(sum(sizes), dtype=torch.uint8)
+        flat, start = data.numpy(), 0
+        for blob, size in zip(blobs, sizes, strict=True):
+            flat[start : start + size] = np.frombuffer(blob, np.uint8)
+            start += size
+        return cls(data, sizes)
+
+    def pin_memory(self, device: Any = None) -> EncodedTiles:
+        """Called by the DataLoader's pinning thread."""
+        return EncodedTiles(self.data.pin_memory(), self.sizes)
+
+    def decode(self, device: torch.device | str) -> torch.Tensor:
+        """(B, 3, H, W) uint8 RGB tiles on ``device``, decoded there in one batched call."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        parts = list(torch.split(self.data, self.sizes))
+        return torch.stack(decode_jpeg(parts, mode=ImageReadMode.RGB, device=device))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+
+def limit_worker_threads(worker_id: int) -> None:
+    """``worker_init_fn``: one OpenCV and one torch thread per worker (the workers are the
+    parallelism; more threads per worker only contend for the same cores).
+
+    Forked workers already inherit one OpenCV thread from :meth:`PatchDataModule.train_dataloader`:
+    ``cv2.setNumThreads`` in a forked child of a process whose OpenCV thread pool ran deadlocks
+    (pthreads backend), so it is only called where the count is not 1 yet (spawned workers).
+    """
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+class ViewBatches(Dataset):
+    """Maps a :class:`BatchRequest` to its host batch: one store read, then, by the views' path,
+    seeded CPU views per tile, the tiles themselves or (JPEG stores) their encoded bytes.
+
+    The seed of a tile's CPU views depends only on (seed, epoch, tile index), so batches are the
+    same whatever the number of workers, ranks or the batch a tile lands in. Each DataLoader
+    worker reads through its own file handles: a spawned worker gets the store pickled by path
+    and reopens it, a forked one has the store drop the parent's handles on first use.
     """
 
     def __init__(self, store: PatchStore, views: ViewGenerator, seed: int) -> None:
@@ -51,16 +112,19 @@ class ViewBatches(Dataset):
 
     def __getitem__(self, request: BatchRequest) -> dict[str, Any]:
         epoch, indices = request
+        index = torch.as_tensor(indices, dtype=torch.int64)  # (B,)
+        if self.views.device_augment:
+            if str(self.store.codec).startswith("jpeg"):
+                blobs = self.store.read_encoded_batch(indices)
+                return {"encoded": EncodedTiles.from_blobs(blobs), "index": index}
+            return {"tiles": torch.from_numpy(self.store.read(indices)), "index": index}
         tiles = self.store.read(indices)  # (B, H, W, 3) uint8
         per_view: list[list[torch.Tensor]] = [[] for _ in range(self.views.n_views)]
-        for tile, index in zip(tiles, indices, strict=True):
-            self.views.set_seed(sample_seed(self.seed, epoch, int(index)))
+        for tile, tile_index in zip(tiles, indices, strict=True):
+            self.views.set_seed(sample_seed(self.seed, epoch, int(tile_index)))
             for slot, view in zip(per_view, self.views(tile), strict=True):
                 slot.append(view)
-        return {
-            "views": [torch.stack(views) for views in per_view],  # each (B, 3, h, w) uint8
-            "index": torch.as_tensor(indices, dtype=torch.int64),  # (B,)
-        }
+        return {"views": [torch.stack(views) for views in per_view], "index": index}
 
 
 class _ResumableLoader(DataLoader):
@@ -90,7 +154,7 @@ class PatchDataModule(L.LightningDataModule):
         max_tiles_per_slide: at most this many tiles per slide per epoch, a fresh random subset
             each epoch (None: every tile every epoch).
         min_tissue: skip tiles whose recorded tissue fraction is below this.
-        pin_memory: pin host batches for faster, asynchronous copies to the GPU.
+        pin_memory: pin host batches (uint8 only) for faster, asynchronous copies to the GPU.
         drop_last: every device gets the same number of full batches; True drops the leftover
             tiles of an epoch, False pads with repeated tiles instead.
         prefetch_factor: batches each worker loads ahead.
@@ -137,6 +201,7 @@ class PatchDataModule(L.LightningDataModule):
         self.fields = fields
         self.stores = [str(path) for path in stores]
         self.views = views
+        self.worker_init_fn = limit_worker_threads
         self._store: PatchStore | None = None
         self._sampler: DistributedBatchSampler | None = None
         self._resume_state: dict[str, Any] | None = None
@@ -194,7 +259,16 @@ class PatchDataModule(L.LightningDataModule):
             self._apply_resume(sampler, self._resume_state)
             self._resume_state = None
         self._sampler = sampler
+        self.resolve_views_path()
         workers = self.hparams.num_workers
+        if workers > 0 and torch.multiprocessing.get_start_method(allow_none=True) in (
+            None,
+            "fork",
+        ):
+            # Forked workers inherit OpenCV's thread count and cannot safely change it (see
+            # limit_worker_threads). The training process does no OpenCV work once workers
+            # make the views, so one thread costs it nothing.
+            cv2.setNumThreads(1)
         seed = self.hparams.seed
         dataset = (
             ViewBatches(self.store, self.views, seed)
@@ -209,35 +283,57 @@ class PatchDataModule(L.LightningDataModule):
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
             prefetch_factor=self.hparams.prefetch_factor if workers > 0 else None,
+            worker_init_fn=self.worker_init_fn if workers > 0 else None,
         )
+
+    def resolve_views_path(self) -> bool:
+        """Settle ``views.device_augment=None`` from the trainer's device (device path on CUDA,
+        CPU path elsewhere, and without a trainer); returns whether the device path is used."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+        return self.views.resolve_device_augment(device)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Derive the batch's device-augmentation seed on the host (no device sync needed)."""
         self._device_seed = None
         if isinstance(batch, dict) and len(batch.get("index", ())):
             epoch = self.trainer.current_epoch if self.trainer is not None else 0
-            first = int(batch["index"][0])  # tiles are disjoint across ranks: so are the seeds
+            first = int(
+                batch["index"].numpy()[0]
+            )  # tiles are disjoint across ranks: so are the seeds
             self._device_seed = sample_seed(self.hparams.seed, epoch, first, stream=1)
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 views on the device -> float32 normalised (and device-augmented) views.
+        """The host batch on the device -> ``{"views": float32 normalised views, "index"}``.
 
-        With ``views.device_augment`` the random stream is seeded per batch (seed, epoch, first
-        tile), so device-side augmentation is reproducible, differs between ranks and resumes
-        exactly like the CPU views.
+        Device path: JPEG bytes are decoded here (one batched ``decode_jpeg``, nvJPEG on CUDA)
+        and ``views.device_views`` builds every view, its random stream seeded per batch by
+        (seed, epoch, first tile): reproducible, different on every rank (ranks read disjoint
+        tiles) and exactly resumed, like the CPU views. No step of it waits for the device.
         """
-        if isinstance(batch, dict) and "field_tiles" in batch:  # fields.on_device: crop here
+        if not isinstance(batch, dict):
+            return batch
+        if "field_tiles" in batch:  # fields.on_device: crop here
             views = crop_fields(batch.pop("field_tiles"), batch.pop("field_source"),
                                 batch.pop("field_boxes"), self.fields.sizes)  # fmt: skip
             batch = {**batch, "views": views}
-        if not (isinstance(batch, dict) and "views" in batch):
-            return batch
-        generator = None
-        if getattr(self.views, "device_augment", False) and self._device_seed is not None:
-            device = batch["views"][0].device
-            generator = torch.Generator(device=device).manual_seed(self._device_seed)
-        return {**batch, "views": self.views.on_device(batch["views"], generator=generator)}
+        if "encoded" in batch or "tiles" in batch:
+            device = batch["index"].device
+            if "encoded" in batch:
+                tiles = batch.pop("encoded").decode(device)  # (B, 3, H, W) uint8
+            else:
+                tiles = batch.pop("tiles").permute(0, 3, 1, 2)
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self._device_seed if self._device_seed is not None else 0)
+            return {**batch, "views": self.views.device_views(tiles, generator=generator)}
+        if "views" in batch and self.fields is not None and self.views.device_augment:
+            # µm fields are already cropped: the device path adds D4 and colour to them.
+            generator = torch.Generator(device=batch["views"][0].device)
+            generator.manual_seed(self._device_seed if self._device_seed is not None else 0)
+            return {**batch, "views": self.views.augment_views(batch["views"], generator)}
+        if "views" in batch:
+            return {**batch, "views": self.views.on_device(batch["views"])}
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """The position in the epoch plus what the plan depends on (saved in checkpoints)."""

@@ -1,25 +1,35 @@
 """The shared LightningModule of every self-supervised objective.
 
 It owns what all objectives share: the online ``backbone``, the optimiser with its per-step LR /
-weight-decay schedules, the EMA update of a momentum teacher, logging, the non-finite-loss stop and
-the ``checkpoint["scratchpath"]`` provenance record. An objective subclasses it and implements
-``compute_loss(views)``. Precision (bf16) and SyncBatchNorm are the Trainer's flags.
+weight-decay schedules, the EMA update of a momentum teacher, logging, the non-finite-loss stop,
+the random stream of each step and the ``checkpoint["scratchpath"]`` provenance record. An
+objective subclasses it and implements ``compute_loss(views)``. Precision (bf16) and
+SyncBatchNorm are the Trainer's flags.
+
+A training step never waits for the device: the loss is logged as a tensor (Lightning turns it
+into a number only every ``log_every_n_steps``), the scheduled LR / weight decay / momentum are
+logged on those logging steps only (a Python number becomes a blocking host-to-device copy), and
+the non-finite-loss stop reads a non-blocking copy every ``nonfinite_check_every`` steps.
+``tests/test_sync.py`` counts the synchronisations of a whole step: zero.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from scratchpath.backbones import create_backbone
 from scratchpath.errors import ScratchpathError
+from scratchpath.objectives.collectives import all_reduce_max
 from scratchpath.objectives.optim import (
     cosine_ramp,
     create_optimizer,
@@ -50,6 +60,10 @@ class SSLObjective(L.LightningModule):
         adam_betas: AdamW betas (MAE uses ``(0.9, 0.95)``).
         compile: ``torch.compile`` the backbone in place (state-dict keys are unchanged).
         activation_checkpointing: recompute backbone activations in backward (timm).
+        nonfinite_check_every: how often (steps) the non-finite-loss stop looks at the losses:
+            every step's loss is checked on the device, and a non-blocking copy is read every
+            this many steps, so a NaN stops the run (naming its step) at most about twice this
+            many steps later, without the per-step host sync of an immediate check.
     """
 
     objective_name: ClassVar[str] = ""
@@ -68,8 +82,13 @@ class SSLObjective(L.LightningModule):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         compile: bool = False,
         activation_checkpointing: bool = False,
+        nonfinite_check_every: int = 100,
     ) -> None:
         super().__init__()
+        if nonfinite_check_every < 1:
+            raise ScratchpathError(
+                f"nonfinite_check_every: must be at least 1, got {nonfinite_check_every}"
+            )
         self.save_hyperparameters()  # also collects the subclass's constructor arguments
         self.backbone = create_backbone(
             backbone, activation_checkpointing=activation_checkpointing, **(backbone_kwargs or {})
@@ -77,6 +96,11 @@ class SSLObjective(L.LightningModule):
         self.total_steps = 0  # optimizer steps of the whole run, known once training starts
         self.steps_per_epoch = 0.0
         self.global_batch = 0  # per-device batch × devices × accumulation, from the first batch
+        self._run_seed = 0
+        # Non-finite stop: (first bad step or inf, its loss) on the device, and the pending
+        # non-blocking host copy (pinned buffer, CUDA event or None) of the last check.
+        self._nonfinite: torch.Tensor | None = None
+        self._nonfinite_copy: tuple[torch.Tensor, Any] | None = None
 
     # --- what an objective implements -------------------------------------------------------
     def compute_loss(self, views: list[torch.Tensor]) -> torch.Tensor:
@@ -151,6 +175,8 @@ class SSLObjective(L.LightningModule):
         elif self.hparams.warmup_epochs > 0:
             raise ScratchpathError("warmup_epochs: the training loader has no length, use 0")
         self.total_steps = int(total)
+        # seed_everything's seed (the recipe's seed_everything), the root of every step's stream.
+        self._run_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def current_lr_and_weight_decay(self) -> tuple[float, float]:
         """The scheduled LR and weight decay of the current optimiser step."""
@@ -170,26 +196,93 @@ class SSLObjective(L.LightningModule):
                 f"{self.objective_name}: global batch {self.global_batch}, peak lr "
                 f"{self.hparams.lr} × {self.global_batch}/{self.hparams.lr_reference_batch}"
             )
+        self._check_nonfinite(wait=False)
+        self.seed_step(batch_idx)
         lr, weight_decay = self.current_lr_and_weight_decay()
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
                 group["weight_decay"] = weight_decay if group["apply_weight_decay"] else 0.0
-        self.log("train/lr", lr, prog_bar=True)
-        self.log("train/wd", weight_decay)
-        if self.teacher_pairs():
-            self.log("train/momentum", self.teacher_momentum())
+        if self._is_logging_step():
+            self.log("train/lr", lr)
+            self.log("train/wd", weight_decay)
+            if self.teacher_pairs():
+                self.log("train/momentum", self.teacher_momentum())
+
+    def seed_step(self, batch_idx: int) -> None:
+        """Seed torch's global stream (MAE masks, drop-path, dropout) for this batch from
+        (run seed, rank, epoch, batch): different on every rank (not one mask per global batch
+        position on all ranks), the same when the run is repeated, and exact after a resume."""
+        entropy = [self._run_seed, self.global_rank, self.current_epoch, batch_idx, 3]
+        torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+    def _is_logging_step(self) -> bool:
+        # Lightning's own "write the logs now" decision; on other steps a logged Python number
+        # would only cost a blocking host-to-device copy.
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch["views"])
-        finite = bool(torch.isfinite(loss).item())
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            raise ScratchpathError(
-                f"step {self.global_step}: loss is {loss.item()} (non-finite here or on another "
-                "rank); lower lr, lengthen warm-up or use 32-bit precision"
-            )
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["views"][0]))
+        self._track_nonfinite(loss.detach())
+        self.log("train/loss", loss, batch_size=len(batch["views"][0]))
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.hparams.nonfinite_check_every == 0:
+            self._start_nonfinite_copy()
+
+    def on_train_end(self) -> None:
+        self._check_nonfinite(wait=True)  # a copy still in flight, then one of the last steps
+        self._start_nonfinite_copy()
+        self._check_nonfinite(wait=True)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [_NonFiniteFirst()]
+
+    # --- the non-finite-loss stop, without a per-step host sync -------------------------------
+    def _track_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember (on the device) the first step whose loss is not finite."""
+        state = self._nonfinite
+        if state is None or state.device != loss.device:
+            state = torch.full((2,), math.inf, dtype=torch.float64, device=loss.device)
+        step = torch.full((), float(self.global_step), dtype=torch.float64, device=loss.device)
+        first_bad = ~torch.isfinite(loss) & torch.isinf(state[0])
+        self._nonfinite = torch.where(first_bad, torch.stack([step, loss.double()]), state)
+
+    def _start_nonfinite_copy(self) -> None:
+        """Copy (earliest bad step on any rank, this rank's bad step, its loss) to the host
+        without waiting; :meth:`_check_nonfinite` reads it once the copy has landed."""
+        if self._nonfinite is None or self._nonfinite_copy is not None:
+            return
+        state = self._nonfinite
+        earliest = -all_reduce_max(-state[:1])  # the minimum over ranks; queued, no wait
+        payload = torch.cat([earliest, state])
+        cuda = payload.device.type == "cuda"
+        host = torch.empty(3, dtype=torch.float64, pin_memory=cuda)
+        host.copy_(payload, non_blocking=True)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        self._nonfinite_copy = (host, event)
+
+    def _check_nonfinite(self, wait: bool) -> None:
+        """Stop the run if the last landed copy shows a non-finite loss."""
+        if self._nonfinite_copy is None:
+            return
+        host, event = self._nonfinite_copy
+        if event is not None and not event.query():
+            if not wait:
+                return  # not landed yet: look again at the next batch
+            event.synchronize()
+        self._nonfinite_copy = None
+        earliest, step, loss = host.numpy().tolist()  # host memory: no device sync
+        if math.isfinite(earliest):
+            value = loss if step == earliest else "non-finite on another rank"
+            raise ScratchpathError(
+                f"step {int(earliest)}: loss is {value} (non-finite here or on another rank); "
+                "lower lr, lengthen warm-up or use 32-bit precision"
+            )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -209,6 +302,18 @@ class SSLObjective(L.LightningModule):
             "config": _resolved_config(trainer),
             "git_sha": _git_sha(),
         }
+
+
+class _NonFiniteFirst(L.Callback):
+    """When the run fails for another reason (e.g. an evaluation callback choking on the NaN
+    weights a non-finite loss left before its check came round), look at the losses first and
+    name the non-finite step instead."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        if isinstance(pl_module, SSLObjective) and not isinstance(exception, ScratchpathError):
+            pl_module._check_nonfinite(wait=True)
+            pl_module._start_nonfinite_copy()
+            pl_module._check_nonfinite(wait=True)  # raises ScratchpathError naming the step
 
 
 def _resolved_config(trainer: L.Trainer) -> str | None:

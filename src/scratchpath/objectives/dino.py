@@ -29,13 +29,17 @@ def dino_cross_entropy(
             first G student crops (softmax of the centred logits, or Sinkhorn-Knopp).
         student_temp: τ_s.
     """
-    student_log_probs = F.log_softmax(student_logits / student_temp, dim=-1)  # (V, B, K)
-    batch = student_logits.shape[1]
-    cross_entropy = -torch.einsum("gbk,vbk->gv", teacher_probs, student_log_probs) / batch
-    n_global, n_views = cross_entropy.shape
-    other_crop = 1.0 - torch.eye(n_global, n_views, device=cross_entropy.device)
-    # a weighted sum, not cross_entropy[mask]: boolean indexing would wait for the GPU
-    return (cross_entropy * other_crop).sum() / (n_global * n_views - n_global)
+    # float32 even under bf16 autocast: a bf16 einsum over K = 65,536 is off in the 4th digit
+    with torch.autocast(student_logits.device.type, enabled=False):
+        student_log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+        batch = student_logits.shape[1]
+        cross_entropy = (
+            -torch.einsum("gbk,vbk->gv", teacher_probs.float(), student_log_probs) / batch
+        )
+        n_global, n_views = cross_entropy.shape
+        other_crop = 1.0 - torch.eye(n_global, n_views, device=cross_entropy.device)
+        # a weighted sum, not cross_entropy[mask]: boolean indexing would wait for the GPU
+        return (cross_entropy * other_crop).sum() / (n_global * n_views - n_global)
 
 
 def dino_loss(
@@ -56,10 +60,13 @@ def dino_loss(
 
     Returns:
         ``H(P_t(g), P_s(v))`` averaged over images and over all pairs of a global crop g and a
-        different crop v.
+        different crop v; in float32 even under bf16 autocast (a bf16 ``einsum`` over K =
+        65,536 prototypes is off in the 4th digit).
     """
-    teacher_probs = F.softmax((teacher_logits - center) / teacher_temp, dim=-1)  # (G, B, K)
-    return dino_cross_entropy(student_logits, teacher_probs, student_temp)
+    with torch.autocast(student_logits.device.type, enabled=False):  # float32 even under bf16
+        teacher = (teacher_logits.float() - center.float()) / teacher_temp
+        teacher_probs = F.softmax(teacher, dim=-1)  # (G, B, K)
+        return dino_cross_entropy(student_logits, teacher_probs, student_temp)
 
 
 @torch.no_grad()
@@ -80,13 +87,14 @@ def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     ``−mean log ‖x_i − x_nn(i)‖`` on L2-normalised features: pushes nearest neighbours apart so
     that the features spread uniformly over the sphere.
     """
-    x = F.normalize(features, dim=-1, eps=eps)
-    with torch.no_grad():
-        similarity = x @ x.T  # (B, B)
-        similarity.fill_diagonal_(-2.0)
-        nearest = similarity.argmax(dim=1)
-    distances = F.pairwise_distance(x, x[nearest], eps=eps)  # (B,)
-    return -torch.log(distances + eps).mean()
+    with torch.autocast(features.device.type, enabled=False):
+        x = F.normalize(features.float(), dim=-1, eps=eps)
+        with torch.no_grad():
+            similarity = x @ x.T  # (B, B)
+            similarity.fill_diagonal_(-2.0)
+            nearest = similarity.argmax(dim=1)
+        distances = F.pairwise_distance(x, x[nearest], eps=eps)  # (B,)
+        return -torch.log(distances + eps).mean()
 
 
 class DINOHead(nn.Module):
@@ -216,7 +224,8 @@ class DINO(SSLObjective):
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
-        self.log("train/teacher_temp", self.current_teacher_temp())
+        if self._is_logging_step():  # a logged Python number is a host-to-device copy
+            self.log("train/teacher_temp", self.current_teacher_temp())
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:

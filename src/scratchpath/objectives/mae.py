@@ -52,13 +52,17 @@ def mae_loss(
         pred, target: ``(B, L, P)`` predicted and true patch pixels.
         mask: ``(B, L)``, 1 for masked patches (the only ones that count).
         norm_pix: normalise each target patch by its own mean and variance (MAE's best variant).
+
+    Computed in float32 even under bf16 autocast.
     """
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6) ** 0.5
-    per_patch = ((pred - target) ** 2).mean(dim=-1)  # (B, L)
-    return (per_patch * mask).sum() / mask.sum()
+    with torch.autocast(pred.device.type, enabled=False):
+        pred, target, mask = pred.float(), target.float(), mask.float()
+        if norm_pix:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        per_patch = ((pred - target) ** 2).mean(dim=-1)  # (B, L)
+        return (per_patch * mask).sum() / mask.sum()
 
 
 class MAE(SSLObjective):

@@ -32,14 +32,16 @@ def mocov3_loss(
         rank: this rank; query i's positive key is row ``rank·B + i`` of ``all_k``.
 
     Returns:
-        ``2τ · CE(q·kᵀ/τ, positives)``, the mean over this rank's queries.
+        ``2τ · CE(q·kᵀ/τ, positives)``, the mean over this rank's queries, in float32 even under
+        bf16 autocast.
     """
     all_k = k if all_k is None else all_k
-    q = F.normalize(q, dim=1)
-    all_k = F.normalize(all_k, dim=1)
-    logits = q @ all_k.T / temperature  # (B, N)
-    labels = rank * q.shape[0] + torch.arange(q.shape[0], device=q.device)
-    return F.cross_entropy(logits, labels) * 2 * temperature
+    with torch.autocast(q.device.type, enabled=False):
+        q = F.normalize(q.float(), dim=1)
+        all_k = F.normalize(all_k.float(), dim=1)
+        logits = q @ all_k.T / temperature  # (B, N)
+        labels = rank * q.shape[0] + torch.arange(q.shape[0], device=q.device)
+        return F.cross_entropy(logits, labels) * 2 * temperature
 
 
 class MoCoV3(SSLObjective):
