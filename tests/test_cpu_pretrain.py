@@ -81,8 +81,8 @@ def test_recipe_export_is_probed_on_ebhi_at_its_training_size(pipeline: dict[str
     recipe = _recipe()
     views_size = recipe["data"]["views"]["init_args"]["output_size"]
     assert config["architecture"] == recipe["model"]["init_args"]["backbone"]
-    assert config["input_size"] == [3, views_size, views_size]
-    assert config["global_step"] == 3
+    assert config["pretrained_cfg"]["input_size"] == [3, views_size, views_size]
+    assert config["scratchpath"]["global_step"] == 3
     metrics = json.loads((pipeline["report"] / "metrics.json").read_text())
     assert metrics["input_size"] == views_size  # not the 96 px of the EBHI store
     assert metrics["split"]["repeats"] == 2 and metrics["split"]["test_fraction"] == 0.4

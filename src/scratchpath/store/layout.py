@@ -47,6 +47,7 @@ import fsspec
 import numpy as np
 
 from scratchpath.errors import ScratchpathError
+from scratchpath.store.table import json_default
 
 STORE_FORMAT_VERSION = 2
 VERSION_KEY = "scratchpath_format_version"
@@ -275,17 +276,8 @@ def encode_segment(slides: list[dict], columns: dict[str, np.ndarray], rows: np.
     """Arrays for np.savez: no object arrays, so loading never needs pickle."""
     arrays = {k: concat_column(k, [columns[k]]) for k in TILE_COLUMNS}
     arrays["row"] = np.asarray(rows, np.int64)
-    arrays["slides_json"] = np.array(json.dumps(slides, sort_keys=True, default=_json_default))
+    arrays["slides_json"] = np.array(json.dumps(slides, sort_keys=True, default=json_default))
     return arrays
-
-
-def _json_default(value: object) -> object:
-    """Slide records may carry numpy scalars or paths (e.g. from a slide reader)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"slide record field of type {type(value).__name__} is not JSON")
 
 
 def parse_shard_index(data: bytes, shard_size: int, where: str) -> np.ndarray:

@@ -405,7 +405,7 @@ class TableAppender:
             "table": {"tile_start": self.n_tiles, "n_tiles": n, "new_groups": new_groups,
                       "sha256": digest.hexdigest()},
         }  # fmt: skip
-        line = (json.dumps(entry, sort_keys=True, default=_json_default) + "\n").encode()
+        line = (json.dumps(entry, sort_keys=True, default=json_default) + "\n").encode()
         fd = os.open(self.tables / SLIDES_FILE, os.O_WRONLY | os.O_APPEND)
         try:
             os.write(fd, line)
@@ -439,7 +439,7 @@ def write_table(tables: Path, table: TileTable) -> None:
         new = table.groups[1:] if i == 0 else []  # the whole dictionary rides on the first line
         entry = {"slide": slide, "table": {"tile_start": start, "n_tiles": n, "new_groups": new,
                                            "sha256": digest.hexdigest()}}  # fmt: skip
-        lines.append(json.dumps(entry, sort_keys=True, default=_json_default) + "\n")
+        lines.append(json.dumps(entry, sort_keys=True, default=json_default) + "\n")
     for key, (dtype, _) in TABLE_DTYPES.items():
         with open(tmp_dir / f"{key}.bin", "wb") as f:
             f.write(np.ascontiguousarray(table.columns[key], dtype).tobytes())
@@ -464,7 +464,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _json_default(value: object) -> object:
+def json_default(value: object) -> object:
     """Slide records may carry numpy scalars or paths (e.g. from a slide reader)."""
     if isinstance(value, np.generic):
         return value.item()
