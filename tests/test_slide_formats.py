@@ -225,3 +225,31 @@ def test_info_prints_levels_mpp_vendor_and_backend(
     assert summary["levels"] == [
         {"index": 0, "width": 3236, "height": 2638, "downsample": 1.0, "mpp": 0.5}
     ]
+
+
+def test_a_folder_of_dicom_instances_ingests_as_one_slide(
+    conformant_dicom: Path, tmp_path: Path
+) -> None:
+    # A scanner's export: the volume instance plus a label image of the same series.
+    folder = tmp_path / "archive" / "case_1"
+    folder.mkdir(parents=True)
+    ds = pydicom.dcmread(conformant_dicom)
+    ds.save_as(folder / "level_0.dcm")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
+    ds.save_as(folder / "label.dcm")
+    assert find_slides([tmp_path / "archive"]) == [folder]
+    report = ingest([tmp_path / "archive"], tmp_path / "s", mpp=1.0, tile_size=128,
+                    codec="zstd", progress=False)  # fmt: skip
+    assert report.ok, report.failed
+    alone = ingest([conformant_dicom], tmp_path / "alone", mpp=1.0, tile_size=128,
+                   codec="zstd", progress=False)  # fmt: skip
+    assert alone.ok, alone.failed
+    store, reference = PatchStore(tmp_path / "s"), PatchStore(tmp_path / "alone")
+    assert [s["vendor"] for s in store.slides] == ["dicom"] and len(store) > 0
+    assert store.slides[0]["slide_id"] == "case_1"
+    assert len(store) == len(reference)  # the volume instance's tiles, the label ignored
+    np.testing.assert_array_equal(store.read(range(len(store))), reference.read(range(len(store))))
+    rerun = ingest([tmp_path / "archive"], tmp_path / "s", mpp=1.0, tile_size=128,
+                   codec="zstd", progress=False)  # fmt: skip
+    assert [s["status"] for s in rerun.slides] == ["skipped"]

@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -61,11 +61,15 @@ _COMPLETE: frozenset[str] = frozenset()
 
 
 def fast_id(path: str | os.PathLike) -> str:
-    """A slide file's fast identity: ``"<size>:<mtime_ns>:<sha256 of first + last MiB>"``.
+    """A slide file's fast identity: ``"<size>:<mtime_ns>:<sha256 of first + last MiB>"``
+    (for a DICOM folder, the sha256 of its files' names and fast identities).
 
-    Reads at most 2 MiB whatever the file size, so a rerun over 10^4 committed slides skips
-    them in seconds; a file rewritten in place gets a new mtime and is ingested again.
+    Reads at most 2 MiB per file whatever the file size, so a rerun over 10^4 committed slides
+    skips them in seconds; a file rewritten in place gets a new mtime and is ingested again.
     """
+    if Path(path).is_dir():
+        parts = [f"{f.name}={fast_id(f)}" for f in slide_files(path)]
+        return "dir:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
     stat = os.stat(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -74,6 +78,20 @@ def fast_id(path: str | os.PathLike) -> str:
             f.seek(max(FAST_ID_BYTES, stat.st_size - FAST_ID_BYTES))
             digest.update(f.read(FAST_ID_BYTES))
     return f"{stat.st_size}:{stat.st_mtime_ns}:{digest.hexdigest()}"
+
+
+def slide_files(path: str | os.PathLike) -> list[Path]:
+    """The files one slide is made of: the file itself, or a DICOM folder's files (sorted)."""
+    path = Path(path)
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+
+
+def slide_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a slide file, or of a DICOM folder's file names and their SHA-256s."""
+    if not Path(path).is_dir():
+        return file_sha256(path)
+    parts = [f"{f.name}={file_sha256(f)}" for f in slide_files(path)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _set_complete(complete: frozenset[str]) -> None:
@@ -153,15 +171,28 @@ class IngestReport:
 
 def find_slides(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files given, plus the whole-slide files (SVS, TIFF, OME-TIFF, NDPI, ...; not PNG/JPEG)
-    found recursively in the directories given, each directory's files sorted."""
+    found recursively in the directories given, each directory's files sorted.
+
+    A folder holding two or more ``.dcm`` files is one DICOM slide (scanners and PACS export a
+    slide as one instance per pyramid level, plus label and overview images), so the folder,
+    not each instance, is returned; a lone ``.dcm`` file is a slide of its own.
+    """
     found: list[Path] = []
     for item in paths:
         path = Path(item)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_slide_file(p)))
+            files = sorted(p for p in path.rglob("*") if p.is_file() and is_slide_file(p))
+            instances = Counter(p.parent for p in files if _is_dicom_file(p))
+            for file in files:
+                one_of_many = _is_dicom_file(file) and instances[file.parent] >= 2
+                found.append(file.parent if one_of_many else file)
         else:
             found.append(path)  # a missing or odd file fails later, with its own message
     return list(dict.fromkeys(found))
+
+
+def _is_dicom_file(path: Path) -> bool:
+    return path.suffix.lower() == ".dcm"
 
 
 def select_shard(paths: Sequence[Path], shard: tuple[int, int] | None) -> list[Path]:
@@ -223,8 +254,9 @@ def plan_slide(
     record = {"source": str(p.resolve()) if p.exists() else str(p), "slide_id": slide_stem(p)}
     plan = SlidePlan(path=path, record=record)
     try:
-        if p.is_file():
-            record.update(bytes=p.stat().st_size, fast_id=fast_id(p), sha256="")
+        if p.is_file() or p.is_dir():
+            size = sum(f.stat().st_size for f in slide_files(p))
+            record.update(bytes=size, fast_id=fast_id(p), sha256="")
             if record["fast_id"] in complete:
                 plan.status = "skipped"
                 return plan
@@ -478,7 +510,7 @@ def _ingest_one(pool, writer, plan: SlidePlan, options, seen_ids: set, workers: 
     pending: deque[tuple[Future, Grid, int]] = deque()
     submitted = 0
     # The one full read for the sha256, in the pool beside the tile reads.
-    sha256 = pool.submit(file_sha256, plan.path)
+    sha256 = pool.submit(slide_sha256, plan.path)
     slide_writer = writer.begin_slide(record)
     try:
         while submitted < len(chunks) or pending:
