@@ -24,21 +24,13 @@ from scratchpath.errors import ScratchpathError
 from scratchpath.ingest import find_slides, ingest
 from scratchpath.slides import FORMATS, open_slide
 from scratchpath.store import PatchStore
+from slide_helpers import reference_window
 
 DICOM = "formats/TCGA-XK-AAJU-01A-01-TS1_small.dcm"
 NDPI = ["formats/hamamatsu_fluorescence_DAPI.ndpi", "formats/hamamatsu_fluorescence_TRITC.ndpi"]
 CMU = "CMU-1-Small-Region.svs"
 # Windows inside one tile, across tile/frame seams, over the right/bottom edge, outside.
 WINDOWS = [(5, 7, 30, 20), (480, 490, 300, 100), (-40, -10, 100, 60), (3100, 2500, 400, 400)]
-
-
-def _reference_window(full: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
-    out = np.full((h, w, 3), 255, np.uint8)
-    x0, y0 = max(x, 0), max(y, 0)
-    x1, y1 = min(x + w, full.shape[1]), min(y + h, full.shape[0])
-    if x0 < x1 and y0 < y1:
-        out[y0 - y : y1 - y, x0 - x : x1 - x] = full[y0:y1, x0:x1, :3]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +89,7 @@ def test_ndpi_region_equals_tifffile_decode_of_the_level(slides_dir: Path, level
         for x, y, w, h in [*WINDOWS, (100, 4700, 300, 300)]:
             x, y = x // 2**level, y // 2**level
             np.testing.assert_array_equal(
-                slide.read_region(level, x, y, w, h), _reference_window(full, x, y, w, h)
+                slide.read_region(level, x, y, w, h), reference_window(full, x, y, w, h)
             )
 
 
@@ -134,7 +126,7 @@ def test_real_dicom_pixels_equal_pydicom_decode_of_its_frames(
         assert [(lv.width, lv.height, lv.mpp) for lv in slide.levels] == [(3236, 2638, 0.5)]
         for x, y, w, h in WINDOWS:
             np.testing.assert_array_equal(
-                slide.read_region(0, x, y, w, h), _reference_window(dicom_full, x, y, w, h)
+                slide.read_region(0, x, y, w, h), reference_window(dicom_full, x, y, w, h)
             )
     with open_slide(slides_dir / DICOM, assume_mpp=0.5, backend=backend) as slide:
         slide.read_region(0, 0, 0, 16, 16)
@@ -152,7 +144,7 @@ def test_conformant_dicom_reads_through_wsidicom_with_mpp_from_pixel_spacing(
         assert [(lv.width, lv.height) for lv in slide.levels] == [(3236, 2638)]
         for x, y, w, h in WINDOWS:
             np.testing.assert_array_equal(
-                slide.read_region(0, x, y, w, h), _reference_window(dicom_full, x, y, w, h)
+                slide.read_region(0, x, y, w, h), reference_window(dicom_full, x, y, w, h)
             )
     with open_slide(conformant_dicom, backend="pydicom") as fallback:
         assert fallback.mpp == pytest.approx(0.25)  # same Pixel Spacing read by the fallback

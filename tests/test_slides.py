@@ -11,6 +11,7 @@ from PIL import Image
 
 from scratchpath.errors import ScratchpathError
 from scratchpath.slides import level_for_mpp, native_within, open_slide
+from slide_helpers import reference_window
 
 CMU = "CMU-1-Small-Region.svs"
 TCGA = "TCGA-CR-7395-01A-01-TS1.svs"
@@ -57,15 +58,6 @@ def test_pyramid_has_four_levels_at_doubling_mpp(slides_dir: Path, name: str, ve
             assert level.mpp == pytest.approx(0.499 * 2**k, rel=2e-3)
 
 
-def _reference_window(full: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
-    out = np.full((h, w, 3), 255, np.uint8)
-    x0, y0 = max(x, 0), max(y, 0)
-    x1, y1 = min(x + w, full.shape[1]), min(y + h, full.shape[0])
-    if x0 < x1 and y0 < y1:
-        out[y0 - y : y1 - y, x0 - x : x1 - x] = full[y0:y1, x0:x1, :3]
-    return out
-
-
 # Windows inside one tile, across tile seams, over the right/bottom edge and outside the image.
 WINDOWS = [(5, 7, 30, 20), (200, 230, 300, 100), (-40, -10, 100, 60), (2000, 1500, 400, 400)]
 
@@ -83,7 +75,7 @@ def test_read_region_equals_window_of_fully_decoded_level(
         for x, y, w, h in WINDOWS:
             region = slide.read_region(level, x, y, w, h)
             assert region.shape == (h, w, 3) and region.dtype == np.uint8
-            np.testing.assert_array_equal(region, _reference_window(full, x, y, w, h))
+            np.testing.assert_array_equal(region, reference_window(full, x, y, w, h))
 
 
 def test_read_region_decodes_only_the_tiles_it_touches(slides_dir: Path) -> None:
