@@ -23,6 +23,7 @@ from scratchpath.errors import ScratchpathError
 from scratchpath.ingest import find_slides, ingest, select_shard
 from scratchpath.slides import open_slide
 from scratchpath.store import PatchStore
+from store_helpers import psnr_db
 
 CMU = "CMU-1-Small-Region.svs"
 TCGA = "TCGA-CR-7395-01A-01-TS1.svs"
@@ -62,11 +63,6 @@ def _cli(*argv: str) -> int:
     ingest_cli.add_parser(parser.add_subparsers())
     args = parser.parse_args(["ingest", *argv])
     return args.run(args)
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def test_native_mpp_is_cut_without_resampling(slides_dir: Path, tmp_path: Path) -> None:
@@ -111,7 +107,7 @@ def test_jpeg_store_tiles_match_the_slide_above_35_db(slides_dir: Path, tmp_path
     store = PatchStore(tmp_path / "s")
     with open_slide(slides_dir / OME) as slide:
         psnrs = [
-            _psnr(store[i], slide.read_region(0, int(x), int(y), 128, 128))
+            psnr_db(store[i], slide.read_region(0, int(x), int(y), 128, 128))
             for i, (x, y) in enumerate(zip(store.tiles["x"], store.tiles["y"], strict=True))
         ]
     assert len(psnrs) > 50 and min(psnrs) >= 35.0

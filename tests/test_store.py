@@ -18,8 +18,7 @@ from PIL import Image
 
 from scratchpath.errors import ScratchpathError
 from scratchpath.store import STORE_FORMAT_VERSION, PatchStore, StoreWriter
-
-TILE = 256  # deeptexture tiles are 256×256 RGB JPEG: no resizing needed
+from store_helpers import TILE, psnr_db, write_store
 
 
 def _load_real_tiles(tiles_dir: Path, n: int) -> np.ndarray:
@@ -32,36 +31,22 @@ def real_tiles(tiles_dir: Path) -> np.ndarray:
     return _load_real_tiles(tiles_dir, 24)
 
 
-def _write(path: Path, tiles: np.ndarray, codec: str, slides: int = 2, **kwargs) -> None:
-    per_slide = np.array_split(np.arange(len(tiles)), slides)
-    with StoreWriter(path, tile_size=TILE, codec=codec, shard_size=8, **kwargs) as writer:
-        for k, rows in enumerate(per_slide):
-            record = {"source": f"slide{k}.svs", "slide_id": f"slide{k}", "sha256": f"sha{k}"}
-            with writer.begin_slide(record) as slide:
-                slide.add(tiles[rows], x=rows * 10, y=rows * 20, mpp=0.5, group=f"g{k}")
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255**2 / mse))
-
-
 @pytest.mark.parametrize("codec", ["zstd", "webp"])
 def test_lossless_codecs_round_trip_exactly(tmp_path, real_tiles, codec):
-    _write(tmp_path / "s.zarr", real_tiles, codec)
+    write_store(tmp_path / "s.zarr", real_tiles, codec)
     store = PatchStore(tmp_path / "s.zarr")
     assert len(store) == len(real_tiles)
     np.testing.assert_array_equal(store.read(np.arange(len(store))), real_tiles)
 
 
 def test_jpeg_round_trip_psnr_at_least_35db(tmp_path, real_tiles):
-    _write(tmp_path / "s.zarr", real_tiles, "jpeg:90")
+    write_store(tmp_path / "s.zarr", real_tiles, "jpeg:90")
     decoded = PatchStore(tmp_path / "s.zarr").read(np.arange(len(real_tiles)))
-    assert min(_psnr(d, t) for d, t in zip(decoded, real_tiles, strict=True)) >= 35.0
+    assert min(psnr_db(d, t) for d, t in zip(decoded, real_tiles, strict=True)) >= 35.0
 
 
 def test_random_order_read_equals_sequential(tmp_path, real_tiles):
-    _write(tmp_path / "s.zarr", real_tiles, "jpeg:90", slides=3)
+    write_store(tmp_path / "s.zarr", real_tiles, "jpeg:90", slides=3)
     store = PatchStore(tmp_path / "s.zarr")
     sequential = np.stack([store[i] for i in range(len(store))])
     order = np.random.default_rng(0).permutation(len(store))
@@ -71,7 +56,7 @@ def test_random_order_read_equals_sequential(tmp_path, real_tiles):
 
 @pytest.mark.parametrize("codec", ["jpeg:90", "zstd", "webp"])
 def test_zarr_itself_reads_the_same_tile(tmp_path, real_tiles, codec):
-    _write(tmp_path / "s.zarr", real_tiles, codec)
+    write_store(tmp_path / "s.zarr", real_tiles, codec)
     store = PatchStore(tmp_path / "s.zarr")  # registers scratchpath's zarr codecs
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")
     assert group.attrs["scratchpath_format_version"] == STORE_FORMAT_VERSION
@@ -81,7 +66,7 @@ def test_zarr_itself_reads_the_same_tile(tmp_path, real_tiles, codec):
 
 
 def test_tables_hold_the_written_columns(tmp_path, real_tiles):
-    _write(tmp_path / "s.zarr", real_tiles, "zstd")
+    write_store(tmp_path / "s.zarr", real_tiles, "zstd")
     store = PatchStore(tmp_path / "s.zarr")
     np.testing.assert_array_equal(store.tiles["x"], np.arange(24) * 10)
     np.testing.assert_array_equal(store.tiles["slide_index"], [0] * 12 + [1] * 12)
@@ -108,7 +93,7 @@ def test_tiles_encoded_elsewhere_are_stored_as_given(tmp_path, real_tiles):
 
 
 def test_newer_format_version_is_refused(tmp_path, real_tiles):
-    _write(tmp_path / "s.zarr", real_tiles[:4], "zstd", slides=1)
+    write_store(tmp_path / "s.zarr", real_tiles[:4], "zstd", slides=1)
     meta_path = tmp_path / "s.zarr" / "zarr.json"
     meta = json.loads(meta_path.read_text())
     meta["attributes"]["scratchpath_format_version"] = STORE_FORMAT_VERSION + 1
@@ -134,7 +119,7 @@ def test_non_store_path_gives_one_line_error(tmp_path, kind):
 def test_file_memory_and_zip_urls_open_the_same_store(tmp_path, real_tiles):
     import fsspec
 
-    _write(tmp_path / "s.zarr", real_tiles[:10], "zstd", slides=1)
+    write_store(tmp_path / "s.zarr", real_tiles[:10], "zstd", slides=1)
     local = PatchStore(tmp_path / "s.zarr")
     via_file = PatchStore(f"file://{tmp_path / 's.zarr'}")
     memory = fsspec.filesystem("memory")
@@ -148,8 +133,8 @@ def test_file_memory_and_zip_urls_open_the_same_store(tmp_path, real_tiles):
 
 
 def test_concatenated_stores_read_as_one(tmp_path, real_tiles):
-    _write(tmp_path / "a.zarr", real_tiles[:10], "zstd", slides=2)
-    _write(tmp_path / "b.zarr", real_tiles[10:], "jpeg:90", slides=1)
+    write_store(tmp_path / "a.zarr", real_tiles[:10], "zstd", slides=2)
+    write_store(tmp_path / "b.zarr", real_tiles[10:], "jpeg:90", slides=1)
     both = PatchStore(tmp_path / "a.zarr", tmp_path / "b.zarr")
     b = PatchStore(tmp_path / "b.zarr")
     assert len(both) == 24 and len(both.slides) == 3
@@ -161,14 +146,15 @@ def test_concatenated_stores_read_as_one(tmp_path, real_tiles):
 
 
 def test_concatenation_with_other_class_names_is_refused(tmp_path, real_tiles):
-    _write(tmp_path / "a.zarr", real_tiles[:4], "zstd", slides=1, class_names=["tumour", "stroma"])
-    _write(tmp_path / "b.zarr", real_tiles[:4], "zstd", slides=1, class_names=["tumour"])
+    names = ["tumour", "stroma"]
+    write_store(tmp_path / "a.zarr", real_tiles[:4], "zstd", slides=1, class_names=names)
+    write_store(tmp_path / "b.zarr", real_tiles[:4], "zstd", slides=1, class_names=["tumour"])
     with pytest.raises(ScratchpathError, match="class_names"):
         PatchStore(tmp_path / "a.zarr", tmp_path / "b.zarr")
 
 
 def test_pickled_store_reopens_by_path(tmp_path, real_tiles):
-    _write(tmp_path / "s.zarr", real_tiles, "zstd")
+    write_store(tmp_path / "s.zarr", real_tiles, "zstd")
     store = PatchStore(tmp_path / "s.zarr")
     store.read([0])  # opens file handles, which must not travel
     blob = pickle.dumps(store)
@@ -183,7 +169,7 @@ def _read_in_worker(store: PatchStore, indices: list[int]) -> np.ndarray:
 def test_store_reads_in_a_forked_worker_after_the_parent_read(tmp_path, real_tiles):
     import multiprocessing
 
-    _write(tmp_path / "s.zarr", real_tiles, "zstd")
+    write_store(tmp_path / "s.zarr", real_tiles, "zstd")
     store = PatchStore(tmp_path / "s.zarr")
     store.read([0, 20])  # the parent holds open shard files when the worker forks
     with multiprocessing.get_context("fork").Pool(1) as pool:
@@ -193,15 +179,15 @@ def test_store_reads_in_a_forked_worker_after_the_parent_read(tmp_path, real_til
 
 
 def test_fingerprint_changes_with_content_only(tmp_path, real_tiles):
-    _write(tmp_path / "a.zarr", real_tiles, "zstd")
-    _write(tmp_path / "b.zarr", real_tiles, "zstd")
-    _write(tmp_path / "c.zarr", real_tiles, "zstd", slides=3)
+    write_store(tmp_path / "a.zarr", real_tiles, "zstd")
+    write_store(tmp_path / "b.zarr", real_tiles, "zstd")
+    write_store(tmp_path / "c.zarr", real_tiles, "zstd", slides=3)
     fingerprints = [PatchStore(tmp_path / f"{n}.zarr").fingerprint for n in "abc"]
     assert fingerprints[0] == fingerprints[1] != fingerprints[2]
 
 
 def test_reopening_with_another_tile_size_is_refused(tmp_path, real_tiles):
-    _write(tmp_path / "s.zarr", real_tiles[:4], "zstd", slides=1)
+    write_store(tmp_path / "s.zarr", real_tiles[:4], "zstd", slides=1)
     with pytest.raises(ScratchpathError, match="tile_size"):
         StoreWriter(tmp_path / "s.zarr", tile_size=224, codec="zstd")
 

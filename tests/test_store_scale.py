@@ -15,28 +15,13 @@ from scratchpath.data.sampling import DistributedBatchSampler
 from scratchpath.errors import ScratchpathError
 from scratchpath.store import PatchStore, StoreWriter, TileCodec, layout
 from scratchpath.store import table as tbl
-
-TILE = 256
+from store_helpers import TILE, psnr_db, write_store
 
 
 @pytest.fixture(scope="module")
 def real_tiles(tiles_dir: Path) -> np.ndarray:
     files = sorted((tiles_dir / "deeptexture_examples_unlabeled_256" / "unlabeled").iterdir())
     return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[:24]])
-
-
-def _write(path: Path, tiles: np.ndarray, codec: str = "zstd", slides: int = 2, **kw) -> None:
-    per_slide = np.array_split(np.arange(len(tiles)), slides)
-    with StoreWriter(path, tile_size=TILE, codec=codec, shard_size=8, **kw) as writer:
-        for k, rows in enumerate(per_slide):
-            record = {"source": f"slide{k}.svs", "slide_id": f"slide{k}", "sha256": f"sha{k}"}
-            with writer.begin_slide(record) as slide:
-                slide.add(tiles[rows], x=rows * 10, y=rows * 20, mpp=0.5, group=f"g{k % 2}")
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255**2 / mse))
 
 
 def _to_format_1(path: Path) -> None:
@@ -85,10 +70,11 @@ def test_default_jpeg_keeps_full_chroma_and_records_it(tmp_path, svs_tiles):
         TileCodec.parse("zstd:3:444", TILE)
     psnr = {}
     for codec in ("jpeg", "jpeg:90:420"):
-        _write(tmp_path / f"{codec}.zarr", svs_tiles, codec)
+        write_store(tmp_path / f"{codec}.zarr", svs_tiles, codec)
         store = PatchStore(tmp_path / f"{codec}.zarr")
         decoded = store.read(np.arange(len(store)))
-        psnr[store.codec] = np.mean([_psnr(d, t) for d, t in zip(decoded, svs_tiles, strict=True)])
+        pairs = zip(decoded, svs_tiles, strict=True)
+        psnr[store.codec] = np.mean([psnr_db(d, t) for d, t in pairs])
         group = zarr.open_group(tmp_path / f"{codec}.zarr", mode="r")  # zarr itself decodes too
         np.testing.assert_array_equal(group["tiles"][int(store.zarr_row(5)[1])], decoded[5])
     assert set(psnr) == {"jpeg:90:444", "jpeg:90:420"}
@@ -100,7 +86,7 @@ def test_torchvision_decodes_444_tiles_like_imagecodecs(tmp_path, real_tiles):
     torch = pytest.importorskip("torch")
     from torchvision.io import decode_jpeg
 
-    _write(tmp_path / "s.zarr", real_tiles, "jpeg")
+    write_store(tmp_path / "s.zarr", real_tiles, "jpeg")
     store = PatchStore(tmp_path / "s.zarr")
     blobs = store.read_encoded_batch(np.arange(len(store)))
     ours = store.read(np.arange(len(store)))
@@ -113,7 +99,7 @@ def test_torchvision_decodes_444_tiles_like_imagecodecs(tmp_path, real_tiles):
 # -- old stores -------------------------------------------------------------------------------
 def test_format_1_store_opens_reads_and_migrates_on_append(tmp_path, real_tiles):
     path = tmp_path / "old.zarr"
-    _write(path, real_tiles[:16], "jpeg:90:420")
+    write_store(path, real_tiles[:16], "jpeg:90:420")
     new = PatchStore(path)
     expected, fingerprint = new.read(np.arange(16)), new.fingerprint
     _to_format_1(path)
@@ -138,7 +124,7 @@ def test_format_1_store_opens_reads_and_migrates_on_append(tmp_path, real_tiles)
 
 # -- the memory-mapped table ------------------------------------------------------------------
 def test_local_table_is_memory_mapped_and_compact(tmp_path, real_tiles):
-    _write(tmp_path / "s.zarr", real_tiles)
+    write_store(tmp_path / "s.zarr", real_tiles)
     store = PatchStore(tmp_path / "s.zarr")
     assert all(isinstance(c, np.memmap) for c in store.tiles.values())
     assert sum(c.dtype.itemsize for c in store.tiles.values()) == tbl.BYTES_PER_TILE <= 40
@@ -147,7 +133,7 @@ def test_local_table_is_memory_mapped_and_compact(tmp_path, real_tiles):
 
 def test_merged_table_is_cached_once_and_shared(tmp_path, real_tiles, monkeypatch):
     for name in "abc":
-        _write(tmp_path / f"{name}.zarr", real_tiles[:8], slides=2)
+        write_store(tmp_path / f"{name}.zarr", real_tiles[:8], slides=2)
     paths = [tmp_path / f"{n}.zarr" for n in "abc"]
     in_memory = PatchStore(*paths)
     monkeypatch.setattr(tbl, "IN_MEMORY_TILES", 0)
@@ -172,7 +158,7 @@ def test_merged_table_is_cached_once_and_shared(tmp_path, real_tiles, monkeypatc
 
 def test_killed_commit_tails_are_ignored_then_truncated(tmp_path, real_tiles):
     path = tmp_path / "s.zarr"
-    _write(path, real_tiles[:10])
+    write_store(path, real_tiles[:10])
     tables = path / "tables"
     with open(tables / tbl.TILE_FOLDER / "x.bin", "ab") as f:
         f.write(b"\x07" * 40)  # a killed commit wrote columns ...
@@ -196,7 +182,7 @@ def test_remote_batch_costs_one_request_per_shard(tmp_path, real_tiles, monkeypa
     import fsspec
     from fsspec.implementations.memory import MemoryFileSystem
 
-    _write(tmp_path / "s.zarr", real_tiles, slides=1)  # 24 tiles in shards of 8: 3 shards
+    write_store(tmp_path / "s.zarr", real_tiles, slides=1)  # 24 tiles in shards of 8: 3 shards
     memory = fsspec.filesystem("memory")
     memory.put(str(tmp_path / "s.zarr"), "/remote.zarr", recursive=True)
     local, remote = PatchStore(tmp_path / "s.zarr"), PatchStore("memory://remote.zarr")
@@ -260,8 +246,8 @@ def test_blocked_permutation_is_a_disjoint_deterministic_split(monkeypatch):
 
 
 def test_shard_starts_match_the_chunk_ids(tmp_path, real_tiles):
-    _write(tmp_path / "a.zarr", real_tiles[:19], slides=2)  # slides of 10 and 9 in shards of 8
-    _write(tmp_path / "b.zarr", real_tiles[:5], slides=1)
+    write_store(tmp_path / "a.zarr", real_tiles[:19], slides=2)  # slides of 10 and 9 in shards of 8
+    write_store(tmp_path / "b.zarr", real_tiles[:5], slides=1)
     both = PatchStore(tmp_path / "a.zarr", tmp_path / "b.zarr")
     chunks = both.chunk_ids
     expected = np.flatnonzero(np.r_[True, chunks[1:] != chunks[:-1]])
@@ -271,7 +257,7 @@ def test_shard_starts_match_the_chunk_ids(tmp_path, real_tiles):
 
 def test_unwritable_cache_falls_back_to_an_in_memory_merge(tmp_path, real_tiles, monkeypatch):
     for name in "ab":
-        _write(tmp_path / f"{name}.zarr", real_tiles[:8], slides=2)
+        write_store(tmp_path / f"{name}.zarr", real_tiles[:8], slides=2)
     (tmp_path / "not-a-folder").write_text("")
     monkeypatch.setattr(tbl, "IN_MEMORY_TILES", 0)
     monkeypatch.setenv("SCRATCHPATH_CACHE", str(tmp_path / "not-a-folder" / "cache"))
