@@ -262,6 +262,16 @@ def test_views_of_a_tile_do_not_depend_on_its_rank_or_batch(store_path: Path) ->
     assert compared >= 4
 
 
+def test_the_epoch_of_a_batch_request_picks_the_progressive_view_size(store_path: Path) -> None:
+    views = TwoViews(output_size=32, low_res_size=16, low_res_epochs=1)
+    dm = _datamodule(store_path, views=views)
+    dataset = ViewBatches(dm.store, dm.views, seed=0)
+    indices = list(range(8))
+    assert dataset[(0, indices)]["views"][0].shape[-1] == 16
+    assert dataset[(1, indices)]["views"][0].shape[-1] == 32
+    assert dm.describe()["input_size"] == 32
+
+
 def test_dataset_pickles_by_store_path_and_reads_the_same_tiles(
     store_path: Path, store: PatchStore
 ) -> None:

@@ -63,6 +63,39 @@ def test_same_seed_same_views_different_seed_different(cls, tiles):
     assert not torch.equal(a[0], c[0])
 
 
+def test_low_res_views_until_low_res_epochs_then_the_full_size(tiles):
+    generator = TwoViews(output_size=96, low_res_size=64, low_res_epochs=2, device_augment=False)
+    sides = []
+    for epoch in range(4):
+        generator.set_epoch(epoch)
+        sides.append([v.shape[-1] for v in _views(generator, tiles[0], 0)])
+    assert sides == [[64, 64], [64, 64], [96, 96], [96, 96]]
+    assert generator.input_size == 96  # what export and eval use: the size it finishes at
+
+
+def test_device_views_shrink_local_crops_in_proportion_while_low_res(tiles):
+    generator = MultiCrop(global_size=96, local_size=48, n_local_crops=2, device_augment=True,
+                          low_res_size=64, low_res_epochs=1)  # fmt: skip
+    early = [v.shape[-1] for v in generator.device_views(_batch(tiles[:2]))]
+    generator.set_epoch(1)
+    late = [v.shape[-1] for v in generator.device_views(_batch(tiles[:2]))]
+    assert early == [64, 64, 32, 32] and late == [96, 96, 48, 48]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"low_res_epochs": 3},
+        {"low_res_size": 0, "low_res_epochs": 1},
+        {"low_res_size": 32, "low_res_epochs": -1},
+    ],
+    ids=["epochs-without-size", "zero-size", "negative-epochs"],
+)
+def test_invalid_progressive_resizing_is_a_clear_error(kwargs):
+    with pytest.raises(ScratchpathError, match="low_res"):
+        TwoViews(output_size=64, **kwargs)
+
+
 def test_two_views_of_one_tile_differ(tiles):
     first, second = _views(TwoViews(output_size=96), tiles[0], 3)
     assert not torch.equal(first, second)

@@ -205,8 +205,11 @@ def _normalisation(trainer: L.Trainer) -> tuple[tuple[float, ...], tuple[float, 
 
 
 def _training_input_size(trainer: L.Trainer) -> int | None:
-    """The side of the training views (what a CNN trained at), as ``scratchpath eval`` uses."""
+    """The side of this epoch's training views (what a CNN trains at now; with progressive
+    resizing the low-res side until the full one), as ``scratchpath eval`` uses at the end."""
     views = getattr(trainer.datamodule, "views", None)
+    if hasattr(views, "view_size"):
+        return views.view_size(0, epoch=trainer.current_epoch)
     return getattr(views, "input_size", None)
 
 

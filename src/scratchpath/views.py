@@ -122,6 +122,15 @@ class ViewGenerator:
     module may set it from the store when the recipe leaves it None. ``device_augment``: True
     for the device path, False for the CPU path, None to let the data module choose (device
     path on CUDA); see the module docstring.
+
+    Progressive resizing (``low_res_size``, ``low_res_epochs``): for the first
+    ``low_res_epochs`` epochs every view is scaled by ``low_res_size / input_size`` (the
+    first family's side becomes ``low_res_size``); after that the views have their full size.
+    Small views early make cheap steps; the full size last makes the model's input size what
+    it finished training at (Touvron et al. 2019, FixRes: a CNN trained on random-resized
+    crops tests best above its training size, and better still once trained there; Tan & Le
+    2021, EfficientNetV2's progressive learning). The backbone must accept both sizes (CNNs
+    do; a ViT needs ``dynamic_img_size=True``).
     """
 
     n_views: int
@@ -134,8 +143,20 @@ class ViewGenerator:
         crop_microns: tuple[float, float] | None = None,
         mpp: float | None = None,
         device_augment: bool | None = None,
+        low_res_size: int | None = None,
+        low_res_epochs: int = 0,
         seed: int = 0,
     ):
+        if low_res_epochs < 0 or (low_res_size is not None and low_res_size < 1):
+            raise ScratchpathError(
+                f"views: low_res_size must be positive and low_res_epochs >= 0, got "
+                f"{low_res_size} and {low_res_epochs}"
+            )
+        if low_res_epochs and low_res_size is None:
+            raise ScratchpathError("views: low_res_epochs needs low_res_size (the early side)")
+        self.low_res_size = low_res_size
+        self.low_res_epochs = int(low_res_epochs)
+        self._epoch = 0
         self.crop_microns = None if crop_microns is None else tuple(crop_microns)
         self.mpp = mpp
         self.device_augment = device_augment
@@ -182,6 +203,18 @@ class ViewGenerator:
         """Side length of the first (global) views: the input size the backbone trains at."""
         return int(self._families[0].size)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next views belong to (it picks the low-res or the full size)."""
+        self._epoch = int(epoch)
+
+    def view_size(self, family: int = 0, epoch: int | None = None) -> int:
+        """Side length of ``family``'s views in ``epoch`` (default: the current one)."""
+        full = int(self._families[family].size)
+        epoch = self._epoch if epoch is None else epoch
+        if self.low_res_size is None or epoch >= self.low_res_epochs:
+            return full
+        return max(1, round(full * self.low_res_size / self.input_size))
+
     def set_seed(self, seed: int) -> None:
         """Seed the next call (the data module calls this per sample with a derived seed)."""
         self._rng = np.random.default_rng(seed)
@@ -202,11 +235,12 @@ class ViewGenerator:
         views = []
         for index, family in enumerate(self._families):
             scale = self._scale(index, family.scale, min(image.shape[:2]))
+            size = self.view_size(index)
             for colour in family.colours:
-                key = (family.size, scale, colour)
+                key = (size, scale, colour)
                 pipeline = self._pipelines.get(key)
                 if pipeline is None:
-                    pipeline = self._pipelines[key] = _cpu_pipeline(family.size, scale, colour)
+                    pipeline = self._pipelines[key] = _cpu_pipeline(size, scale, colour)
                 pipeline.set_random_state(self._rng, self._py)  # one stream: cheap to reseed
                 view = pipeline(image=image)["image"]
                 views.append(torch.from_numpy(np.stack(cv2.split(view))))  # (3, h, w)
@@ -245,7 +279,7 @@ class ViewGenerator:
         out: list[torch.Tensor] = []
         for index, family in enumerate(self._families):
             scale = self._scale(index, family.scale, min(height, width))
-            count, size = len(family.colours), family.size
+            count, size = len(family.colours), self.view_size(index)
             boxes = augment.random_resized_boxes(
                 count * batch, scale, g, tiles.device, aspect=width / height
             ).view(count, batch, 4)
@@ -414,7 +448,8 @@ class TwoViews(ViewGenerator):
     (``blur_p``, sigma in ``blur_sigma`` px), grayscale (``gray_p``), solarisation
     (``solarize_p``). ``view_blur_p`` / ``view_solarize_p`` (two values) make the views
     asymmetric as in BYOL and MoCo v3 (blur 1.0 / 0.1, solarisation 0 / 0.2).
-    ``device_augment``: see :class:`ViewGenerator`.
+    ``device_augment`` and progressive resizing (``low_res_size``, ``low_res_epochs``): see
+    :class:`ViewGenerator`.
     """
 
     def __init__(
@@ -440,11 +475,14 @@ class TwoViews(ViewGenerator):
         view_blur_p: list[float] | None = None,
         view_solarize_p: list[float] | None = None,
         device_augment: bool | None = None,
+        low_res_size: int | None = None,
+        low_res_epochs: int = 0,
         seed: int = 0,
     ):
         super().__init__(
-            crop_microns=crop_microns, mpp=mpp, device_augment=device_augment, seed=seed
-        )
+            crop_microns=crop_microns, mpp=mpp, device_augment=device_augment,
+            low_res_size=low_res_size, low_res_epochs=low_res_epochs, seed=seed,
+        )  # fmt: skip
         colour = _Colour(
             d4, stain, hed_strength, stain_p, brightness, contrast, saturation, hue, gamma,
             color_p, blur_p, tuple(blur_sigma), gray_p, solarize_p,
@@ -460,7 +498,8 @@ class MultiCrop(ViewGenerator):
     ``crop_microns`` (with ``mpp``) sets the global crop side in µm instead of ``global_scale``.
     ``global_blur_p`` / ``global_solarize_p`` (one value per global crop) give DINO's asymmetric
     global crops: blur ``[1.0, 0.1]``, solarisation ``[0.0, 0.2]``; local crops keep ``blur_p``
-    (0.5 in the paper) and ``solarize_p``.
+    (0.5 in the paper) and ``solarize_p``. ``low_res_size`` / ``low_res_epochs``: progressive
+    resizing (:class:`ViewGenerator`; the local crops shrink in proportion).
     """
 
     def __init__(
@@ -490,11 +529,14 @@ class MultiCrop(ViewGenerator):
         global_blur_p: list[float] | None = None,
         global_solarize_p: list[float] | None = None,
         device_augment: bool | None = None,
+        low_res_size: int | None = None,
+        low_res_epochs: int = 0,
         seed: int = 0,
     ):
         super().__init__(
-            crop_microns=crop_microns, mpp=mpp, device_augment=device_augment, seed=seed
-        )
+            crop_microns=crop_microns, mpp=mpp, device_augment=device_augment,
+            low_res_size=low_res_size, low_res_epochs=low_res_epochs, seed=seed,
+        )  # fmt: skip
         if n_global_crops < 1 or n_local_crops < 0:
             raise ScratchpathError("MultiCrop: need n_global_crops >= 1 and n_local_crops >= 0")
         colour = _Colour(

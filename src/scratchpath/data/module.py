@@ -112,6 +112,7 @@ class ViewBatches(Dataset):
 
     def __getitem__(self, request: BatchRequest) -> dict[str, Any]:
         epoch, indices = request
+        self.views.set_epoch(epoch)  # progressive resizing: the epoch picks the view size
         index = torch.as_tensor(indices, dtype=torch.int64)  # (B,)
         if self.views.device_augment:
             if str(self.store.codec).startswith("jpeg"):
@@ -325,6 +326,7 @@ class PatchDataModule(L.LightningDataModule):
                 tiles = batch.pop("tiles").permute(0, 3, 1, 2)
             generator = torch.Generator(device=device)
             generator.manual_seed(self._device_seed if self._device_seed is not None else 0)
+            self.views.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
             return {**batch, "views": self.views.device_views(tiles, generator=generator)}
         if "views" in batch and self.fields is not None and self.views.device_augment:
             # µm fields are already cropped: the device path adds D4 and colour to them.
