@@ -255,7 +255,7 @@ class PatchDataModule(L.LightningDataModule):
                 f"{world_size} device(s); lower batch_size or set drop_last: false"
             )
         # Lightning creates the first iterator before its own set_epoch call: set it here.
-        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        sampler.set_epoch(self._epoch())
         if self._resume_state is not None:
             self._apply_resume(sampler, self._resume_state)
             self._resume_state = None
@@ -293,11 +293,15 @@ class PatchDataModule(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
         return self.views.resolve_device_augment(device)
 
+    def _epoch(self) -> int:
+        """The trainer's epoch (0 before a trainer is attached, e.g. in tests and tools)."""
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Derive the batch's device-augmentation seed on the host (no device sync needed)."""
         self._device_seed = None
         if isinstance(batch, dict) and len(batch.get("index", ())):
-            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            epoch = self._epoch()
             first = int(
                 batch["index"].numpy()[0]
             )  # tiles are disjoint across ranks: so are the seeds
@@ -326,7 +330,7 @@ class PatchDataModule(L.LightningDataModule):
                 tiles = batch.pop("tiles").permute(0, 3, 1, 2)
             generator = torch.Generator(device=device)
             generator.manual_seed(self._device_seed if self._device_seed is not None else 0)
-            self.views.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+            self.views.set_epoch(self._epoch())
             return {**batch, "views": self.views.device_views(tiles, generator=generator)}
         if "views" in batch and self.fields is not None and self.views.device_augment:
             # µm fields are already cropped: the device path adds D4 and colour to them.
