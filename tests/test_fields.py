@@ -164,6 +164,12 @@ def test_data_module_trains_on_field_views_and_records_their_mpp(store: PatchSto
                         fields=FieldsOfView(**FIELDS))  # fmt: skip
 
 
+def test_progressive_resizing_with_fields_is_a_clear_error(store: PatchStore) -> None:
+    views = MultiCrop(global_size=64, n_local_crops=4, low_res_size=32, low_res_epochs=2)
+    with pytest.raises(ScratchpathError, match=r"^data\.fields: progressive resizing"):
+        PatchDataModule(stores=[store.paths[0]], views=views, fields=FieldsOfView(**FIELDS))
+
+
 def test_dino_trains_two_steps_on_field_views(store: PatchStore, tmp_path) -> None:
     import lightning as L
 

@@ -199,6 +199,13 @@ class PatchDataModule(L.LightningDataModule):
                 f"data.fields: {fields.n_views} views, but the view generator makes "
                 f"{views.n_views} (match n_global / n_local to it)"
             )
+        if fields is not None and views.low_res_epochs:
+            # µm fields crop at fields.global_size / local_size: progressive resizing of the
+            # view generator would silently do nothing
+            raise ScratchpathError(
+                "data.fields: progressive resizing (views.low_res_epochs) is not supported "
+                "with µm fields; set views.low_res_epochs: 0"
+            )
         self.fields = fields
         self.stores = [str(path) for path in stores]
         self.views = views
