@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -210,6 +211,24 @@ def test_preemption_during_gradient_accumulation_saves_at_the_optimizer_step(
     assert checkpoint["global_step"] == 4  # not 3: micro-batch 7 (of step 4) completed first
     progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
     assert progress["processed"] == 8  # a whole number of accumulations (resume starts at 8)
+
+
+class _FailingObjective(_TinyObjective):
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.global_step == 2:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("objective", [_TinyObjective, _FailingObjective])
+def test_fit_leaves_the_signal_handlers_it_found(tmp_path: Path, objective: type) -> None:
+    """After ``fit`` (finished or failed) SIGTERM and SIGUSR1 do what they did before: a
+    leftover Lightning handler would only log them, and the process could not be terminated."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    trainer = _trainer(tmp_path, [PreemptionCheckpoint()], max_steps=4)
+    with contextlib.suppress(RuntimeError):
+        trainer.fit(objective(), _loader())
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_preemption_flag_check_interval_is_validated() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import signal
 
 import lightning as L
 import pytest
@@ -123,6 +124,30 @@ def test_nonfinite_loss_stops_the_run_naming_the_step():
     module = Diverging(**TINY_VIT, **SMALL_HEAD, warmup_epochs=0)
     with pytest.raises(ScratchpathError, match="step 1: loss is nan"):
         fit(module, [synthetic_batch(4)] * 3, max_steps=3)
+
+
+def test_failure_after_a_nonfinite_loss_names_the_step_and_still_tears_down():
+    """An error elsewhere (here a callback choking on the NaN weights) before the next check:
+    the error carries the non-finite step, and the Trainer's teardown still restores the
+    signal handlers it replaced."""
+
+    class Diverging(SimCLR):
+        def compute_loss(self, views):
+            loss = super().compute_loss(views)
+            return loss * float("nan") if self.global_step == 1 else loss
+
+    class ChokesOnNaN(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if not all(p.isfinite().all() for p in pl_module.parameters()):
+                raise RuntimeError("evaluation on NaN weights")
+
+    sigterm = signal.getsignal(signal.SIGTERM)
+    module = Diverging(**TINY_VIT, **SMALL_HEAD, warmup_epochs=0)
+    with pytest.raises(RuntimeError, match="NaN weights") as raised:
+        fit(module, [synthetic_batch(4)] * 6, max_steps=6, callbacks=[ChokesOnNaN()])
+    assert "step 1: loss is nan" in "".join(raised.value.__notes__)
+    assert "step 1: loss is nan" in str(module.nonfinite_error)
+    assert signal.getsignal(signal.SIGTERM) is sigterm
 
 
 def test_checkpoint_records_provenance(tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import select
 import shutil
 import signal
 import subprocess
@@ -162,19 +164,35 @@ def test_pickled_store_reopens_by_path(tmp_path, real_tiles):
     np.testing.assert_array_equal(pickle.loads(blob).read([5, 1]), real_tiles[[5, 1]])
 
 
-def _read_in_worker(store: PatchStore, indices: list[int]) -> np.ndarray:
-    return store.read(indices)
-
-
 def test_store_reads_in_a_forked_worker_after_the_parent_read(tmp_path, real_tiles):
-    import multiprocessing
-
+    """As in a forked DataLoader worker: the child inherits the store object (not a pickled
+    copy) with the parent's open shard files, and reads through its own."""
     write_store(tmp_path / "s.zarr", real_tiles, "zstd")
     store = PatchStore(tmp_path / "s.zarr")
     store.read([0, 20])  # the parent holds open shard files when the worker forks
-    with multiprocessing.get_context("fork").Pool(1) as pool:
-        got = pool.apply(_read_in_worker, (store, [20, 0, 7]))
-    np.testing.assert_array_equal(got, real_tiles[[20, 0, 7]])
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.write(write_end, store.read([20, 0, 7]).tobytes())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    expected = real_tiles[[20, 0, 7]]
+    received = b""
+    try:
+        while len(received) < expected.nbytes:
+            ready, _, _ = select.select([read_end], [], [], 60)
+            assert ready, "the forked reader sent nothing for 60 s"
+            chunk = os.read(read_end, 1 << 20)
+            assert chunk, "the forked reader exited early"
+            received += chunk
+    finally:
+        os.close(read_end)
+        os.kill(pid, signal.SIGKILL)  # bounded whatever happened in the child
+        os.waitpid(pid, 0)
+    got = np.frombuffer(received, np.uint8).reshape(expected.shape)
+    np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(store.read([7]), real_tiles[[7]])
 
 

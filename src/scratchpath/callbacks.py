@@ -554,8 +554,18 @@ class PreemptionCheckpoint(L.Callback):
         )
         if self.received is None and not already and trainer.global_step > 0:
             self.save_last(trainer)
+        self._restore_handlers()
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        """Put back the handlers found at ``on_train_start`` (Lightning's). It must happen
+        before the Trainer's own teardown, which then restores what was there before the fit:
+        restoring later would leave Lightning's SIGTERM handler installed after ``fit`` returns,
+        and that handler only logs, so the process could no longer be terminated."""
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}

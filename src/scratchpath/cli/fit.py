@@ -297,6 +297,12 @@ def run_fit(argv: list[str], *, progress_stream: TextIO | None = None) -> int:
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     except SIGTERMException:
         preemption.received = preemption.received or int(signal.SIGTERM)
+    except Exception:
+        # A failure that followed a non-finite loss (e.g. an evaluation on NaN weights) is
+        # reported as the non-finite step, which is what the user has to change.
+        if getattr(cli.model, "nonfinite_error", None) is None:
+            raise
+        raise cli.model.nonfinite_error from None
     if preemption.received is not None:
         name = signal.Signals(preemption.received).name
         where = preemption.saved_path or "no checkpoint written"

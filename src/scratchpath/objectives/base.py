@@ -101,6 +101,9 @@ class SSLObjective(L.LightningModule):
         # non-blocking host copy (pinned buffer, CUDA event or None) of the last check.
         self._nonfinite: torch.Tensor | None = None
         self._nonfinite_copy: tuple[torch.Tensor, Any] | None = None
+        # Set when the run failed for another reason after a non-finite loss (the step it
+        # names is the real cause); ``scratchpath fit`` reports it instead of the other error.
+        self.nonfinite_error: ScratchpathError | None = None
 
     # --- what an objective implements -------------------------------------------------------
     def compute_loss(self, views: list[torch.Tensor]) -> torch.Tensor:
@@ -268,21 +271,28 @@ class SSLObjective(L.LightningModule):
 
     def _check_nonfinite(self, wait: bool) -> None:
         """Stop the run if the last landed copy shows a non-finite loss."""
+        error = self._landed_nonfinite_error(wait)
+        if error is not None:
+            raise error
+
+    def _landed_nonfinite_error(self, wait: bool) -> ScratchpathError | None:
+        """The error naming the first non-finite step, if the last landed copy shows one."""
         if self._nonfinite_copy is None:
-            return
+            return None
         host, event = self._nonfinite_copy
         if event is not None and not event.query():
             if not wait:
-                return  # not landed yet: look again at the next batch
+                return None  # not landed yet: look again at the next batch
             event.synchronize()
         self._nonfinite_copy = None
         earliest, step, loss = host.numpy().tolist()  # host memory: no device sync
-        if math.isfinite(earliest):
-            value = loss if step == earliest else "non-finite on another rank"
-            raise ScratchpathError(
-                f"step {int(earliest)}: loss is {value} (non-finite here or on another rank); "
-                "lower lr, lengthen warm-up or use 32-bit precision"
-            )
+        if not math.isfinite(earliest):
+            return None
+        value = loss if step == earliest else "non-finite on another rank"
+        return ScratchpathError(
+            f"step {int(earliest)}: loss is {value} (non-finite here or on another rank); "
+            "lower lr, lengthen warm-up or use 32-bit precision"
+        )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -306,14 +316,21 @@ class SSLObjective(L.LightningModule):
 
 class _NonFiniteFirst(L.Callback):
     """When the run fails for another reason (e.g. an evaluation callback choking on the NaN
-    weights a non-finite loss left before its check came round), look at the losses first and
-    name the non-finite step instead."""
+    weights a non-finite loss left before its check came round), look at the losses first: the
+    error naming the non-finite step becomes ``pl_module.nonfinite_error`` and a note on the
+    other error. It is not raised here: an exception out of ``on_exception`` would skip the
+    Trainer's teardown (its signal handlers, the process group, the loggers)."""
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
-        if isinstance(pl_module, SSLObjective) and not isinstance(exception, ScratchpathError):
-            pl_module._check_nonfinite(wait=True)
-            pl_module._start_nonfinite_copy()
-            pl_module._check_nonfinite(wait=True)  # raises ScratchpathError naming the step
+        if not isinstance(pl_module, SSLObjective) or isinstance(exception, ScratchpathError):
+            return
+        error = pl_module._landed_nonfinite_error(wait=True)  # a copy still in flight
+        if error is None:
+            pl_module._start_nonfinite_copy()  # then the latest steps
+            error = pl_module._landed_nonfinite_error(wait=True)
+        if error is not None:
+            pl_module.nonfinite_error = error
+            exception.add_note(f"caused by a non-finite loss first: {error}")
 
 
 def _resolved_config(trainer: L.Trainer) -> str | None:
