@@ -21,7 +21,8 @@ demo: venv
 	$(BIN)/scratchpath demo --out $(OUT) $(if $(DATA),--slides $(DATA),)
 
 ## make pretrain-cpu [SHARED=../shared/data]: real H&E tiles -> stores -> recipes/cpu_pretrain.yaml
-## (<= 20 min on 2 CPU cores) -> runs/cpu_pretrain/export -> EBHI-Seg eval (5 case-grouped splits)
+## (<= 20 min on 2 CPU cores) -> runs/cpu_pretrain/export -> EBHI-Seg eval (5 case-grouped splits,
+## random init the mean of 6 twins)
 SHARED ?= ../shared/data
 CPU_STORES := runs/cpu_stores
 # glibc hands every buffer over 32 MB (most activations of a batch) back to the kernel and
@@ -47,7 +48,7 @@ pretrain-cpu: venv
 	$(CPU_MALLOC) $(BIN)/scratchpath fit --config recipes/cpu_pretrain.yaml
 	$(BIN)/scratchpath export runs/cpu_pretrain/checkpoints/last.ckpt --out runs/cpu_pretrain/export
 	$(BIN)/scratchpath eval --model runs/cpu_pretrain/export --data $(CPU_STORES)/ebhi \
-	    --split 0.4 --repeats 5 --out runs/cpu_pretrain/eval_ebhi
+	    --split 0.4 --repeats 5 --random-seeds 6 --out runs/cpu_pretrain/eval_ebhi
 
 ## make test: the whole test suite (what CI runs)
 test: venv

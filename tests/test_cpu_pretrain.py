@@ -116,4 +116,5 @@ def test_make_target_prepares_stores_fits_exports_and_evaluates() -> None:
     assert "fit --config recipes/cpu_pretrain.yaml" in commands
     assert "--out runs/cpu_pretrain/export" in commands
     assert "--model runs/cpu_pretrain/export" in commands and "--repeats 5" in commands
+    assert "--random-seeds 6" in commands  # the random-init baseline is a mean of six inits
     assert "ebhi_seg_colorectal_224" in commands and "--group-column case_id" in commands

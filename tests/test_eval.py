@@ -207,6 +207,24 @@ def test_eval_repeats_reports_the_mean_of_grouped_splits(lung_store, tmp_path, c
     assert "first of 3 grouped splits" in stdout and " ± " in stdout
 
 
+def test_random_seeds_average_the_random_init_baseline_over_twins(lung_store, tmp_path, capsys):
+    argv = ["eval", "--model", *RANDOM_VIT, "--data", str(lung_store), "--split", "0.4",
+            "--repeats", "2", "--random-seeds", "3", "--linear-epochs", "10",
+            "--out", str(tmp_path / "ev")]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["random_init_seeds"] == [1, 2, 3]
+    twins = metrics["results"]["random_init"]["knn"]
+    per_seed = [seed["balanced_accuracy"] for seed in twins["seeds"]]
+    per_split = [split["balanced_accuracy"] for split in twins["splits"]]
+    assert len(per_seed) == 3 and len(per_split) == 2
+    assert len({round(v, 6) for v in per_seed}) > 1  # the twins differ
+    assert twins["balanced_accuracy"] == pytest.approx(np.mean(per_seed))
+    assert twins["balanced_accuracy"] == pytest.approx(np.mean(per_split))
+    assert "seeds" not in metrics["results"]["model"]["knn"]  # the model is one init
+    assert "mean ± std over 3 twins" in capsys.readouterr().out
+
+
 def test_model_kwargs_are_parsed_as_yaml_values():
     parsed = parse_kwargs(["img_size=64", "dynamic_img_size=true", "drop_path_rate=0.1"])
     assert parsed == {"img_size": 64, "dynamic_img_size": True, "drop_path_rate": 0.1}
@@ -223,6 +241,7 @@ def test_model_kwargs_are_parsed_as_yaml_values():
         (["--data", "{store}", "--split", "0"], "test fraction"),
         (["--train", "{store}", "--test", "{store}", "--repeats", "2"], "needs one --data"),
         (["--data", "{store}", "--repeats", "0"], "must be >= 1"),
+        (["--data", "{store}", "--random-seeds", "0"], "--random-seeds: must be >= 1"),
     ],
 )
 def test_eval_bad_arguments_exit_2_with_one_line(lung_store, tmp_path, capsys, extra, message):

@@ -166,6 +166,7 @@ def run_evaluation(
     k: int = 20,
     linear_epochs: int = 100,
     seed: int = 0,
+    random_seeds: int = 1,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Evaluate ``model`` (export folder or ``random:TIMM_NAME``) by kNN and linear probe.
@@ -177,7 +178,10 @@ def run_evaluation(
     per-class figures, predictions and plots are those of the first split. Tiles are embedded
     once and resized to the model's input size (the export's ``input_size``: what it trained
     at) when it differs from the store's tile size; ``input_size`` overrides it (the
-    colour-histogram baseline always sees the stored tiles). Writes ``metrics.json``,
+    colour-histogram baseline always sees the stored tiles). The random-init baseline is
+    ``random_seeds`` twins of the architecture (init seeds ``seed + 1``, ``seed + 2``, ...):
+    with more than one, its figures are the mean (and ``std``) over every (twin, split) pair,
+    since one random init can land several points above or below another. Writes ``metrics.json``,
     ``confusion_matrix.png`` and ``embedding_pca.png`` to ``out_dir`` and returns the metrics.
     """
     if (data is None) == (train is None or test is None):
@@ -186,6 +190,8 @@ def run_evaluation(
         raise ScratchpathError(f"--repeats: must be >= 1, got {repeats}")
     if repeats > 1 and data is None:
         raise ScratchpathError("--repeats: needs one --data store to split repeatedly")
+    if random_seeds < 1:
+        raise ScratchpathError(f"--random-seeds: must be >= 1, got {random_seeds}")
     backbone, info = resolve_model(model, model_kwargs, seed=seed)  # first: fail fast on typos
     if data is not None:
         train_store = test_store = PatchStore(data)
@@ -205,7 +211,7 @@ def run_evaluation(
     class_names = train_store.class_names
 
     size = input_size or info["input_size"]
-    baseline_model = _random_twin(info, seed=seed + 1)
+    twin_seeds = list(range(seed + 1, seed + 1 + random_seeds))
     kw = {"mean": info["mean"], "std": info["std"], "batch_size": batch_size, "device": device}
 
     def embed(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +226,7 @@ def run_evaluation(
     histogram_train = colour_histogram_features(train_store, all_train)
     features = {
         "model": embed(backbone),
-        "random_init": embed(baseline_model),
+        **{f"random_init:{s}": embed(_random_twin(info, seed=s)) for s in twin_seeds},
         "colour_histogram": (
             histogram_train,
             histogram_train
@@ -244,7 +250,15 @@ def run_evaluation(
         }
         for train_idx, test_idx in splits
     ]
-    results = per_split[0] if repeats == 1 else _mean_over_splits(per_split)
+    # One list of probe runs per reported feature set: the twins fold into "random_init".
+    runs = {
+        "model": [split["model"] for split in per_split],
+        "random_init": [split[f"random_init:{s}"] for s in twin_seeds for split in per_split],
+        "colour_histogram": [split["colour_histogram"] for split in per_split],
+    }
+    results = {
+        name: r[0] if len(r) == 1 else _mean_over_runs(r, repeats) for name, r in runs.items()
+    }
     train_idx, test_idx = splits[0]
     y_test = labels_test[test_idx]
 
@@ -287,6 +301,7 @@ def run_evaluation(
             "seeds": list(range(seed, seed + repeats)),
         },
         "protocol": {"knn_k": k, "knn_temperature": 0.07, "linear_epochs": linear_epochs},
+        "random_init_seeds": twin_seeds,
         "seed": seed,
         "scratchpath_version": __version__,
         "results": results,
@@ -299,22 +314,31 @@ def run_evaluation(
 _SUMMARY = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
-def _mean_over_splits(per_split: list[dict[str, Any]]) -> dict[str, Any]:
-    """Summary figures averaged over splits (``std`` and ``splits`` beside them); per-class
-    figures and predictions of the first split (they index different test tiles per split)."""
-    results: dict[str, Any] = {}
-    for name, first in per_split[0].items():
-        results[name] = dict(first)
-        for probe in ("knn", "linear"):
-            values = {m: [split[name][probe][m] for split in per_split] for m in _SUMMARY}
-            results[name][probe] = {
-                **first[probe],
-                **{m: float(np.mean(v)) for m, v in values.items()},
-                "std": {m: float(np.std(v)) for m, v in values.items()},
-                "splits": [{m: split[name][probe][m] for m in _SUMMARY} for split in per_split],
-            }
-        results[name]["rankme"] = float(np.mean([split[name]["rankme"] for split in per_split]))
-    return results
+def _mean_over_runs(runs: list[dict[str, Any]], n_splits: int) -> dict[str, Any]:
+    """Summary figures averaged over probe runs, ``std`` beside them; ``runs`` are the splits
+    in order, repeated once per random-init twin. ``splits`` holds each split's figures (its
+    mean over twins) and, with several twins, ``seeds`` each twin's (its mean over splits).
+    Per-class figures and predictions are those of the first run (they index different test
+    tiles per split)."""
+    first = runs[0]
+    n_twins = len(runs) // n_splits
+    result: dict[str, Any] = dict(first)
+    for probe in ("knn", "linear"):
+        values = np.array([[run[probe][m] for m in _SUMMARY] for run in runs])  # (runs, 3)
+        by_split = values.reshape(n_twins, n_splits, len(_SUMMARY))
+        summary = {
+            **first[probe],
+            **dict(zip(_SUMMARY, values.mean(0).tolist(), strict=True)),
+            "std": dict(zip(_SUMMARY, values.std(0).tolist(), strict=True)),
+            "splits": [dict(zip(_SUMMARY, v, strict=True)) for v in by_split.mean(0).tolist()],
+        }
+        if n_twins > 1:
+            summary["seeds"] = [
+                dict(zip(_SUMMARY, v, strict=True)) for v in by_split.mean(1).tolist()
+            ]
+        result[probe] = summary
+    result["rankme"] = float(np.mean([run["rankme"] for run in runs]))
+    return result
 
 
 def _random_twin(info: dict[str, Any], *, seed: int) -> nn.Module:
@@ -328,16 +352,16 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """A short text table: one row per feature set and probe (mean ± std over the splits when
-    the store was split more than once)."""
-    repeated = "std" in next(iter(metrics["results"].values()))["knn"]
-    width = 14 if repeated else 8
+    """A short text table: one row per feature set and probe (mean ± std where the figures
+    average several splits or random-init twins)."""
+    results = metrics["results"].values()
+    width = 14 if any("std" in r["knn"] for r in results) else 8
     lines = [f"{'features':<18} {'probe':<7} {'acc':>6} {'bal.acc':>{width}} {'macro-F1':>9}"]
     for name, result in metrics["results"].items():
         for probe in ("knn", "linear"):
             r = result[probe]
             balanced = f"{r['balanced_accuracy']:.3f}"
-            if repeated:
+            if "std" in r:
                 balanced += f" ± {r['std']['balanced_accuracy']:.3f}"
             lines.append(
                 f"{name:<18} {probe:<7} {r['accuracy']:>6.3f} {balanced:>{width}} "
