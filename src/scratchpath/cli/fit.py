@@ -300,9 +300,10 @@ def run_fit(argv: list[str], *, progress_stream: TextIO | None = None) -> int:
     except Exception:
         # A failure that followed a non-finite loss (e.g. an evaluation on NaN weights) is
         # reported as the non-finite step, which is what the user has to change.
-        if getattr(cli.model, "nonfinite_error", None) is None:
+        nonfinite = getattr(cli.model, "nonfinite_error", None)
+        if nonfinite is None:
             raise
-        raise cli.model.nonfinite_error from None
+        raise nonfinite from None
     if preemption.received is not None:
         name = signal.Signals(preemption.received).name
         where = preemption.saved_path or "no checkpoint written"

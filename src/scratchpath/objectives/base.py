@@ -236,9 +236,9 @@ class SSLObjective(L.LightningModule):
             self._start_nonfinite_copy()
 
     def on_train_end(self) -> None:
-        self._check_nonfinite(wait=True)  # a copy still in flight, then one of the last steps
-        self._start_nonfinite_copy()
-        self._check_nonfinite(wait=True)
+        error = self._final_nonfinite_error()
+        if error is not None:
+            raise error
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [_NonFiniteFirst()]
@@ -274,6 +274,15 @@ class SSLObjective(L.LightningModule):
         error = self._landed_nonfinite_error(wait)
         if error is not None:
             raise error
+
+    def _final_nonfinite_error(self) -> ScratchpathError | None:
+        """The non-finite error of the run so far: a copy still in flight, then the last steps
+        (waits for the device: only for the end of a run)."""
+        error = self._landed_nonfinite_error(wait=True)
+        if error is None:
+            self._start_nonfinite_copy()
+            error = self._landed_nonfinite_error(wait=True)
+        return error
 
     def _landed_nonfinite_error(self, wait: bool) -> ScratchpathError | None:
         """The error naming the first non-finite step, if the last landed copy shows one."""
@@ -324,10 +333,7 @@ class _NonFiniteFirst(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
         if not isinstance(pl_module, SSLObjective) or isinstance(exception, ScratchpathError):
             return
-        error = pl_module._landed_nonfinite_error(wait=True)  # a copy still in flight
-        if error is None:
-            pl_module._start_nonfinite_copy()  # then the latest steps
-            error = pl_module._landed_nonfinite_error(wait=True)
+        error = pl_module._final_nonfinite_error()
         if error is not None:
             pl_module.nonfinite_error = error
             exception.add_note(f"caused by a non-finite loss first: {error}")
