@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 DATA   ?=
 OUT    ?= demo_output
 
-.PHONY: venv demo test lint format bench clean pretrain-cpu
+.PHONY: venv demo test lint format bench clean pretrain-cpu lock
 
-# The virtualenv is (re)built whenever pyproject.toml changes.
-$(BIN)/.installed: pyproject.toml
+# The virtualenv is (re)built whenever pyproject.toml or the lock changes.
+# constraints.txt is the lock: the exact versions of every package the tests ran with.
+$(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -64,6 +65,12 @@ format: venv
 
 bench: venv
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
+
+## make lock: rewrite constraints.txt from the venv (after a deliberate upgrade; then run make test)
+lock: venv
+	{ sed -n '1,/^# --- pins/p' constraints.txt; \
+	  $(BIN)/python -m pip freeze --exclude-editable --all | grep -v -E '^(pip|setuptools|wheel)=='; \
+	} > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache
