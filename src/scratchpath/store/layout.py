@@ -185,12 +185,16 @@ def empty_columns(n: int = 0) -> dict[str, np.ndarray]:
     return {k: np.full(n, default, dtype) for k, (dtype, default) in TILE_COLUMNS.items()}
 
 
-def read_v1_table(loc: Location):
+def read_v1_table(loc: Location, max_slides: int | None = None):
     """A format-1 store's npz segments as a :class:`~scratchpath.store.table.TileTable` (in
-    memory: format-1 stores predate the memory-mapped table)."""
+    memory: format-1 stores predate the memory-mapped table), or its first ``max_slides``."""
     from scratchpath.store import table as tbl
 
     old = read_tables(loc)
+    if max_slides is not None:
+        old.slides = tbl.committed_prefix(old.slides, max_slides, loc.url)
+        n = sum(int(s["n_tiles"]) for s in old.slides)
+        old.columns = {k: v[:n] for k, v in old.columns.items()}
     n_tiles = np.array([int(s["n_tiles"]) for s in old.slides], np.int64)
     tile_start = np.concatenate([[0], np.cumsum(n_tiles)[:-1]]).astype(np.int64)
     groups, codes = np.unique(np.asarray(old.columns["group"]).astype(str), return_inverse=True)

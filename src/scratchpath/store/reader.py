@@ -26,7 +26,7 @@ from functools import cached_property
 import numpy as np
 
 from scratchpath.errors import ScratchpathError
-from scratchpath.store import layout
+from scratchpath.store import layout, merge
 from scratchpath.store import table as tbl
 from scratchpath.store.codecs import LEGACY_SUBSAMPLING, TileCodec, register_zarr_codecs
 
@@ -39,9 +39,15 @@ _NOT_CONTENT = ("fast_id",)
 
 
 class _OneStore:
-    """One store folder/URL: attributes, committed table and a per-process shard cache."""
+    """One store folder/URL: attributes, committed table and a per-process shard cache.
 
-    def __init__(self, path_or_url: str | os.PathLike) -> None:
+    ``state`` = (slide count, state digest) opens the store as it was when it held that many
+    committed slides, and checks that those slides are still the same.
+    """
+
+    def __init__(
+        self, path_or_url: str | os.PathLike, state: tuple[int, str] | None = None
+    ) -> None:
         self.loc = layout.Location.parse(path_or_url)
         self.attrs = layout.read_group_attrs(self.loc)
         try:
@@ -54,12 +60,19 @@ class _OneStore:
             raise ScratchpathError(f"{self.loc.url}: bad store attributes ({err})") from None
         self.class_names = [str(c) for c in self.attrs.get("class_names", [])]
         self.format_version = int(self.attrs[layout.VERSION_KEY])
+        n_slides = None if state is None else int(state[0])
         if self.format_version < 2:
-            self.table = layout.read_v1_table(self.loc)
+            self.table = layout.read_v1_table(self.loc, n_slides)
         elif self.loc.local is not None:
-            self.table = tbl.read_local_table(self.loc.local / layout.TABLES, self.loc.url)
+            tables = self.loc.local / layout.TABLES
+            self.table = tbl.read_local_table(tables, self.loc.url, n_slides)
         else:
-            self.table = tbl.read_remote_table(self.loc, layout.TABLES)
+            self.table = tbl.read_remote_table(self.loc, layout.TABLES, n_slides)
+        if state is not None and self.table.state_digest() != state[1]:
+            raise ScratchpathError(
+                f"{self.loc.url}: its first {n_slides} committed slides are not the ones this "
+                "run opened (the store was rewritten since)"
+            )
         self._pid = -1  # per-process state (file handles, shard indexes) is made on first read
 
     @property
@@ -68,6 +81,11 @@ class _OneStore:
         where = str(self.loc.local.resolve()) if self.loc.local is not None else self.loc.url
         digests = hashlib.sha256("".join(self.table.digests).encode()).hexdigest()
         return f"{where}|{self.format_version}|{len(self.table.slides)}|{len(self.table)}|{digests}"
+
+    @property
+    def state(self) -> tuple[int, str]:
+        """(committed slides, state digest): what reopens exactly this state of the store."""
+        return len(self.table.slides), self.table.state_digest()
 
     def _reset_if_forked(self) -> None:
         # File descriptors are per process: a DataLoader worker opens its own.
@@ -213,17 +231,30 @@ class PatchStore:
             store), or ``"mixed"``.
         format_version: the stores' format version (the lowest of several).
 
-    ``labels``, ``mpp``, ``chunk_ids`` and ``fingerprint`` are computed on first use. A
-    PatchStore pickles by path, so DataLoader workers reopen it (mapping the same table
-    pages) and read through their own file handles.
+    ``labels``, ``mpp``, ``chunk_ids`` and ``fingerprint`` are computed on first use.
+
+    One committed state: a PatchStore reads the slides its stores had committed when it was
+    opened, and nothing a writer appends later. It pickles by path *and* :attr:`state`, so a
+    DataLoader worker (spawn or forkserver) or another rank reopens exactly that state (mapping
+    the same table pages, reading through its own file handles) even while an ingest appends;
+    ``PatchStore(*paths, state=other.state)`` does the same explicitly.
     """
 
-    def __init__(self, *paths_or_urls: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        *paths_or_urls: str | os.PathLike,
+        state: Sequence[tuple[int, str]] | None = None,
+    ) -> None:
         if not paths_or_urls:
             raise ScratchpathError("PatchStore: give at least one store path")
         register_zarr_codecs()
         self.paths = [os.fspath(p) for p in paths_or_urls]
-        self._stores = [_OneStore(p) for p in self.paths]
+        if state is not None and len(state) != len(self.paths):
+            raise ScratchpathError(
+                f"PatchStore: state names {len(state)} stores, {len(self.paths)} paths given"
+            )
+        states = [None] * len(self.paths) if state is None else [tuple(s) for s in state]
+        self._stores = [_OneStore(p, s) for p, s in zip(self.paths, states, strict=True)]
         first = self._stores[0]
         for other in self._stores[1:]:
             if other.tile_size != first.tile_size:
@@ -242,7 +273,7 @@ class PatchStore:
         self.codec = codecs.pop() if len(codecs) == 1 else "mixed"
         self.format_version = min(s.format_version for s in self._stores)
         identity = "\n".join(s.identity for s in self._stores)
-        merged = tbl.merge_tables([s.table for s in self._stores], identity)
+        merged = merge.merge_tables([s.table for s in self._stores], identity)
         self.tiles: dict[str, np.ndarray] = merged.columns
         self.group_names: list[str] = merged.groups
         self.slides: list[dict] = merged.slides
@@ -256,6 +287,12 @@ class PatchStore:
 
     def __len__(self) -> int:
         return self._n
+
+    @property
+    def state(self) -> tuple[tuple[int, str], ...]:
+        """Per store, (committed slides, state digest) as opened: pass it as ``state=`` to
+        reopen this exact state (see the class docstring)."""
+        return tuple(s.state for s in self._stores)
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Tile ``i`` as (H, W, 3) uint8 RGB."""
@@ -333,6 +370,11 @@ class PatchStore:
         row += np.repeat(first_shard[self._slide_store], self._slide_n_tiles)
         return row
 
+    def slide_starts(self) -> np.ndarray:
+        """The first tile index of every slide, ascending (slides with no tiles included):
+        O(slides). The tiles of a slide are contiguous in the table."""
+        return self._slide_tile_start
+
     def shard_starts(self) -> np.ndarray:
         """The first tile index of every shard, ascending: O(shards), no per-tile array (a
         slide always starts a fresh shard, so its shards start every ``shard_size`` tiles)."""
@@ -378,10 +420,10 @@ class PatchStore:
         self.close()
 
     def __getstate__(self) -> dict:
-        return {"paths": self.paths}
+        return {"paths": self.paths, "state": self.state}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(*state["paths"])
+        self.__init__(*state["paths"], state=state.get("state"))
 
     def __repr__(self) -> str:
         return f"PatchStore({', '.join(map(repr, self.paths))}: {len(self)} tiles)"

@@ -3,36 +3,40 @@
 ```
 tables/slides.jsonl        one line per committed slide (the commit point, fsync'ed):
                            {"slide": record, "table": {"tile_start", "n_tiles", "new_groups",
-                           "sha256"}}; "new_groups" extends the store's group dictionary
+                           "sha256", "crc32c"}}; "new_groups" extends the store's group
+                           dictionary; "crc32c": true when the slide's tile checksums exist
 tables/tile/<column>.bin   one raw little-endian array per column (TABLE_DTYPES), written at
                            tile_start by each commit *before* its slides.jsonl line
+tables/tile/crc32c.bin     <u4 per tile: the CRC-32C of each tile's stored bytes, written at
+                           commit (stores written before it existed have none: ``verify``
+                           then checks that their tiles decode)
 ```
 
 Why this layout: at 10^8 tiles the table must be shared, not copied, by every rank and
 DataLoader worker, so readers ``np.memmap`` the column files (32 bytes per tile in all, in the
 page cache once per machine); a commit writes only its own tiles' bytes and one line, so
 ingesting slide 10,000 costs what slide 1 did; and the only per-tile text, the group id, is an
-int32 code into a small dictionary (code 0 is "", no group).
+int32 code into a small dictionary (code 0 is "", no group). The checksums are not a training
+column: only ``scratchpath verify`` reads them.
 
 Crash safety: a column file may hold bytes past the committed tiles (a killed commit) and
 slides.jsonl a partial last line; readers use only complete lines and the tiles they count, and
-a writer truncates both tails when it opens the store.
+a writer truncates both tails when it opens the store (:mod:`scratchpath.store.append`).
 
-Several stores opened together (one per SLURM array task, 10^3 of them) are merged once into a
-columnar cache folder (``SCRATCHPATH_CACHE``, default ``~/.cache/scratchpath/tables``) keyed by
-the stores' committed slide tables, built under a file lock by the first process and then
-memory-mapped by all; remote (fsspec) stores are cached the same way. Small tables (below
-``IN_MEMORY_TILES``) are simply concatenated in memory.
+One committed state: a reader may be asked for the first ``max_slides`` committed slides only;
+because a writer only ever appends (lines, column tails, fresh shards), that prefix is exactly
+the store as it was when it held that many slides. DataLoader workers and DDP ranks open a
+store that way, so an ingest appending to it during a run changes nothing the run reads.
+
+Several stores opened together are merged into one cached table (:mod:`scratchpath.store.merge`,
+cached by :mod:`scratchpath.store.cache`); remote (fsspec) stores are cached the same way.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import shutil
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +44,12 @@ from pathlib import Path
 import numpy as np
 
 from scratchpath.errors import ScratchpathError
+from scratchpath.store import cache
 
 SLIDES_FILE = "slides.jsonl"
 TILE_FOLDER = "tile"
+CHECKSUM_FILE = "crc32c.bin"  # in TILE_FOLDER; not a column of the training table
+CHECKSUM_DTYPE = np.dtype("<u4")
 
 # Per-tile columns as stored (and as PatchStore.tiles exposes them) and their default value.
 TABLE_DTYPES: dict[str, tuple[np.dtype, object]] = {
@@ -57,16 +64,9 @@ TABLE_DTYPES: dict[str, tuple[np.dtype, object]] = {
 }
 BYTES_PER_TILE = sum(dtype.itemsize for dtype, _ in TABLE_DTYPES.values())
 
-# Merged tables below this many tiles stay in process memory (cheaper than a cache folder).
+# Merged or fetched tables below this many tiles stay in process memory (cheaper than a cache
+# folder).
 IN_MEMORY_TILES = 1 << 20
-
-
-def cache_root() -> Path:
-    """Where merged and remote tile tables are cached (``SCRATCHPATH_CACHE`` overrides)."""
-    env = os.environ.get("SCRATCHPATH_CACHE")
-    if env:
-        return Path(env)
-    return Path.home() / ".cache" / "scratchpath" / "tables"
 
 
 @dataclass
@@ -76,7 +76,8 @@ class TileTable:
     ``columns`` are numpy arrays (``np.memmap`` for large tables) of the TABLE_DTYPES;
     ``tile_start``/``row_start``/``n_tiles`` are per slide (int64): the slide's first tile in
     the table, its first row in the tile array, its tile count; ``groups`` is the dictionary the
-    ``group`` codes index; ``digests`` hash each slide's table lines (for the fingerprint).
+    ``group`` codes index; ``digests`` hash each slide's table lines (for the fingerprint);
+    ``checksummed`` says per slide whether its tiles' CRC-32C were recorded at commit.
     """
 
     slides: list[dict]
@@ -86,6 +87,7 @@ class TileTable:
     row_start: np.ndarray
     n_tiles: np.ndarray
     digests: list[str] = field(default_factory=list)
+    checksummed: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.n_tiles.sum())
@@ -94,6 +96,11 @@ class TileTable:
     def end_row(self) -> int:
         """One past the last row any committed slide reserved."""
         return int((self.row_start + self.n_tiles).max()) if len(self.slides) else 0
+
+    def state_digest(self) -> str:
+        """A short hash of the committed slides' table digests: with the slide count, what
+        identifies this committed state of the store (O(slides))."""
+        return hashlib.sha256("".join(self.digests).encode()).hexdigest()[:16]
 
 
 def empty_columns(n: int = 0) -> dict[str, np.ndarray]:
@@ -133,6 +140,19 @@ def parse_slide_lines(data: bytes) -> tuple[list[dict], int]:
     return entries, end
 
 
+def committed_prefix(entries: list[dict], max_slides: int | None, where: str) -> list[dict]:
+    """The first ``max_slides`` committed entries (all when None): the store as it was when it
+    held that many slides. Fewer than asked means the store was replaced or damaged."""
+    if max_slides is None:
+        return entries
+    if len(entries) < max_slides:
+        raise ScratchpathError(
+            f"{where}: holds {len(entries)} committed slides, fewer than the {max_slides} this "
+            "run opened (the store was replaced or damaged since)"
+        )
+    return entries[:max_slides]
+
+
 def table_from_entries(
     entries: list[dict], columns: dict[str, np.ndarray], where: str
 ) -> TileTable:
@@ -162,6 +182,7 @@ def table_from_entries(
         row_start=_per_slide(slides, "row_start"),
         n_tiles=_per_slide(slides, "n_tiles"),
         digests=[str(e["table"]["sha256"]) for e in entries],
+        checksummed=np.array([bool(e["table"].get("crc32c")) for e in entries], bool),
     )
 
 
@@ -208,30 +229,35 @@ def map_columns(folder: Path) -> dict[str, np.ndarray]:
     return columns
 
 
-def read_local_table(tables: Path, where: str) -> TileTable:
-    """The committed table of a local format-2 store (columns memory-mapped)."""
+def read_local_table(tables: Path, where: str, max_slides: int | None = None) -> TileTable:
+    """The committed table of a local format-2 store (columns memory-mapped), or its first
+    ``max_slides`` slides."""
     try:
         data = (tables / SLIDES_FILE).read_bytes()
     except FileNotFoundError:
         data = b""
-    entries, _ = parse_slide_lines(data)
+    entries = committed_prefix(parse_slide_lines(data)[0], max_slides, where)
     n = sum(int(e["table"]["n_tiles"]) for e in entries)
     return table_from_entries(entries, LazyColumns(tables / TILE_FOLDER, n, where), where)
 
 
-def read_remote_table(loc, tables_key: str) -> TileTable:
+def read_remote_table(loc, tables_key: str, max_slides: int | None = None) -> TileTable:
     """The committed table of a format-2 store behind fsspec (columns fetched whole, cached on
     local disk when large)."""
     try:
         data = loc.read_bytes(f"{tables_key}/{SLIDES_FILE}")
     except FileNotFoundError:
         data = b""
-    entries, _ = parse_slide_lines(data)
+    entries = committed_prefix(parse_slide_lines(data)[0], max_slides, loc.url)
     n = sum(int(e["table"]["n_tiles"]) for e in entries)
-    key = hashlib.sha256(f"remote|{loc.url}|".encode() + data[: len(data)]).hexdigest()[:24]
+    digests = "".join(str(e["table"]["sha256"]) for e in entries)
+    key = hashlib.sha256(f"remote|{loc.url}|{len(entries)}|{digests}".encode()).hexdigest()[:24]
     if n >= IN_MEMORY_TILES:
-        folder = _cached(key, lambda tmp: _fetch_columns(loc, tables_key, n, tmp))
-        return table_from_entries(entries, map_columns(folder), loc.url)
+        folder = cache.cached_or_none(
+            f"table-{key}", lambda tmp: _fetch_columns(loc, tables_key, n, tmp), "remote tile table"
+        )
+        if folder is not None:
+            return table_from_entries(entries, map_columns(folder), loc.url)
     columns = {}
     for name, (dtype, _) in TABLE_DTYPES.items():
         size = n * dtype.itemsize
@@ -243,225 +269,26 @@ def read_remote_table(loc, tables_key: str) -> TileTable:
 def _fetch_columns(loc, tables_key: str, n: int, folder: Path) -> None:
     for name, (dtype, _) in TABLE_DTYPES.items():
         raw = loc.read_range(f"{tables_key}/{TILE_FOLDER}/{name}.bin", 0, n * dtype.itemsize)
-        (folder / f"{name}.bin").write_bytes(raw)
+        with open(folder / f"{name}.bin", "wb") as f:  # plain writes: ENOSPC is an OSError
+            f.write(raw)
 
 
-# -- merging several stores -----------------------------------------------------------------
-def merge_tables(tables: list[TileTable], identity: str) -> TileTable:
-    """One table for several stores: slide indices shifted, group codes re-mapped into one
-    dictionary. Large merges are written once to the cache folder and memory-mapped."""
-    if len(tables) == 1:
-        return tables[0]
-    groups: list[str] = [""]
-    code_of: dict[str, int] = {"": 0}
-    remaps = []
-    for t in tables:
-        for name in t.groups:
-            if name not in code_of:
-                code_of[name] = len(groups)
-                groups.append(name)
-        remaps.append(np.array([code_of[name] for name in t.groups], np.int32))
-    slide_offsets = np.cumsum([0] + [len(t.slides) for t in tables])
-    tile_offsets = np.cumsum([0] + [len(t) for t in tables])
-    n = int(tile_offsets[-1])
-
-    def fill(columns: dict[str, np.ndarray]) -> None:
-        for i, t in enumerate(tables):
-            part = slice(int(tile_offsets[i]), int(tile_offsets[i + 1]))
-            for key in TABLE_DTYPES:
-                col = t.columns[key]
-                if key == "slide_index":
-                    columns[key][part] = col + np.int32(slide_offsets[i])
-                elif key == "group":
-                    columns[key][part] = remaps[i][col]
-                else:
-                    columns[key][part] = col
-
-    if n >= IN_MEMORY_TILES:
-
-        def build(tmp: Path) -> None:
-            columns = {}
-            for key, (dtype, _) in TABLE_DTYPES.items():
-                columns[key] = np.memmap(tmp / f"{key}.bin", dtype, "w+", shape=(max(n, 1),))
-            fill(columns)
-            for col in columns.values():
-                col.flush()
-
-        try:
-            folder = _cached(hashlib.sha256(identity.encode()).hexdigest()[:24], build)
-            columns = {k: v[:n] for k, v in map_columns(folder).items()}
-        except ScratchpathError as err:  # no writable cache: a private copy still works
-            warnings.warn(f"{err}; merging the tile tables in memory instead", stacklevel=3)
-            columns = None
-    else:
-        columns = None
-    if columns is None:
-        columns = empty_columns(n)
-        fill(columns)
-    slides = []
-    for i, t in enumerate(tables):
-        first = int(slide_offsets[i])
-        slides.extend({**s, "slide_index": int(s["slide_index"]) + first} for s in t.slides)
-    return TileTable(
-        slides=slides,
-        columns=columns,
-        groups=groups,
-        tile_start=np.concatenate([t.tile_start + tile_offsets[i] for i, t in enumerate(tables)]),
-        row_start=np.concatenate([t.row_start for t in tables]),
-        n_tiles=np.concatenate([t.n_tiles for t in tables]),
-        digests=[d for t in tables for d in t.digests],
-    )
-
-
-def _cached(key: str, build) -> Path:
-    """The cache folder ``key``, built by ``build(tmp_folder)`` once (under a lock, so that the
-    ranks of one machine opening the same stores at once build it once)."""
-    root = cache_root()
-    folder = root / key
-    if (folder / "done").exists():
-        return folder
+def read_checksums(loc, start: int, n: int) -> np.ndarray | None:
+    """The recorded CRC-32C of tiles ``start .. start + n`` of a store, or None if absent."""
+    key = f"tables/{TILE_FOLDER}/{CHECKSUM_FILE}"
+    size = CHECKSUM_DTYPE.itemsize
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / f".{key}.lock", "a")  # noqa: SIM115
-    except OSError as err:
-        raise ScratchpathError(f"{root}: cannot write the tile-table cache ({err})") from None
-    with lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        if not (folder / "done").exists():
-            tmp = root / f".{key}.{os.getpid()}.building"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            build(tmp)
-            (tmp / "done").write_bytes(b"")
-            shutil.rmtree(folder, ignore_errors=True)
-            os.rename(tmp, folder)
-    return folder
-
-
-# -- writing ----------------------------------------------------------------------------------
-class TableAppender:
-    """Appends committed slides to a format-2 table (one writer process per store).
-
-    Opening truncates what a killed writer left past the last committed line: O(slides) to
-    read the slide lines, O(1) per column file, never O(tiles).
-    """
-
-    def __init__(self, tables: Path) -> None:
-        self.tables = tables
-        (tables / TILE_FOLDER).mkdir(parents=True, exist_ok=True)
-        path = tables / SLIDES_FILE
-        data = path.read_bytes() if path.exists() else b""
-        entries, end = parse_slide_lines(data)
-        n = sum(int(e["table"]["n_tiles"]) for e in entries)
-        columns = LazyColumns(tables / TILE_FOLDER, n, str(tables))
-        self.table = table_from_entries(entries, columns, str(tables))
-        self.n_tiles = len(self.table)
-        for key in TABLE_DTYPES:  # a killed writer may have left fewer bytes: damaged
-            columns[key]
-        self._code_of = {name: code for code, name in enumerate(self.table.groups)}
-        self.table.columns = {}  # the writer needs counts only: release the maps
-        with open(path, "ab") as f:
-            f.truncate(end)
-        for key, (dtype, _) in TABLE_DTYPES.items():
-            with open(tables / TILE_FOLDER / f"{key}.bin", "ab") as f:
-                f.truncate(self.n_tiles * dtype.itemsize)
-        _fsync_dir(tables / TILE_FOLDER)
-        _fsync_dir(tables)
-
-    def group_codes(self, names: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        """int32 codes of the group names of one slide, and the names new to the dictionary."""
-        names = np.asarray(names).astype(str)
-        if len(names) == 0:
-            return np.zeros(0, np.int32), []
-        unique, inverse = np.unique(names, return_inverse=True)
-        new: list[str] = []
-        codes = np.empty(len(unique), np.int32)
-        for j, name in enumerate(unique.tolist()):
-            code = self._code_of.get(name)
-            if code is None:
-                code = len(self._code_of) + len(new)
-                new.append(name)
-            codes[j] = code
-        return codes[inverse.reshape(-1)], new
-
-    def append(self, slide: dict, columns: dict[str, np.ndarray], new_groups: list[str]) -> None:
-        """Write one slide's tile columns, then its line (the commit point)."""
-        n = int(slide["n_tiles"])
-        digest = hashlib.sha256()
-        for key, (dtype, _) in TABLE_DTYPES.items():
-            data = np.ascontiguousarray(columns[key], dtype).tobytes()
-            if len(data) != n * dtype.itemsize:
-                raise ValueError(f"column {key!r} has {len(data) // dtype.itemsize} of {n} tiles")
-            digest.update(data)
-            fd = os.open(self.tables / TILE_FOLDER / f"{key}.bin", os.O_WRONLY)
-            try:
-                if data:
-                    os.pwrite(fd, data, self.n_tiles * dtype.itemsize)
-                    os.fdatasync(fd)
-            finally:
-                os.close(fd)
-        entry = {
-            "slide": slide,
-            "table": {"tile_start": self.n_tiles, "n_tiles": n, "new_groups": new_groups,
-                      "sha256": digest.hexdigest()},
-        }  # fmt: skip
-        line = (json.dumps(entry, sort_keys=True, default=json_default) + "\n").encode()
-        fd = os.open(self.tables / SLIDES_FILE, os.O_WRONLY | os.O_APPEND)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        for name in new_groups:
-            self._code_of[name] = len(self._code_of)
-        t = self.table
-        t.slides.append(slide)
-        t.groups.extend(new_groups)
-        t.tile_start = np.append(t.tile_start, self.n_tiles)
-        t.row_start = np.append(t.row_start, int(slide["row_start"]))
-        t.n_tiles = np.append(t.n_tiles, n)
-        t.digests.append(digest.hexdigest())
-        self.n_tiles += n
-
-
-def write_table(tables: Path, table: TileTable) -> None:
-    """Write a whole table as format 2 (migrating a format-1 store): temp names, then renames."""
-    tile_dir = tables / TILE_FOLDER
-    tmp_dir = tables / f".{TILE_FOLDER}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    lines = []
-    for i, slide in enumerate(table.slides):
-        start, n = int(table.tile_start[i]), int(table.n_tiles[i])
-        digest = hashlib.sha256()
-        for key, (dtype, _) in TABLE_DTYPES.items():
-            digest.update(np.ascontiguousarray(table.columns[key][start : start + n], dtype))
-        new = table.groups[1:] if i == 0 else []  # the whole dictionary rides on the first line
-        entry = {"slide": slide, "table": {"tile_start": start, "n_tiles": n, "new_groups": new,
-                                           "sha256": digest.hexdigest()}}  # fmt: skip
-        lines.append(json.dumps(entry, sort_keys=True, default=json_default) + "\n")
-    for key, (dtype, _) in TABLE_DTYPES.items():
-        with open(tmp_dir / f"{key}.bin", "wb") as f:
-            f.write(np.ascontiguousarray(table.columns[key], dtype).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-    slides_tmp = tables / f".{SLIDES_FILE}.{os.getpid()}.tmp"
-    with open(slides_tmp, "w") as f:
-        f.write("".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
-    shutil.rmtree(tile_dir, ignore_errors=True)
-    os.rename(tmp_dir, tile_dir)
-    os.replace(slides_tmp, tables / SLIDES_FILE)
-    _fsync_dir(tables)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        if loc.local is not None:
+            with open(loc.local / key, "rb") as f:
+                f.seek(start * size)
+                raw = f.read(n * size)
+        else:
+            raw = loc.read_range(key, start * size, (start + n) * size)
+    except FileNotFoundError:
+        return None
+    if len(raw) < n * size:
+        return None
+    return np.frombuffer(raw, CHECKSUM_DTYPE)
 
 
 def json_default(value: object) -> object:

@@ -1,8 +1,9 @@
 """Writing a patch store: atomic per slide, resumable after a crash at any moment.
 
 A slide's tiles go to fresh shards (shard files written once, to a temp name, fsync'ed and
-``os.replace``'d); ``commit`` then writes the slide's tile columns at the end of the column
-files and appends its line to ``tables/slides.jsonl`` (fsync'ed: the commit point). A commit
+``os.replace``'d); ``commit`` then writes the slide's tile columns and the CRC-32C of each
+tile's stored bytes (which ``scratchpath verify`` checks) at the end of their files and appends
+its line to ``tables/slides.jsonl`` (fsync'ed: the commit point). A commit
 costs O(its own tiles) whatever the store holds, and opening a store to append reads the slide
 lines only (O(slides), no tile column is read). Anything a killed process left behind
 (uncommitted shards, column tails, a torn line, temp files) is ignored by readers and removed
@@ -18,11 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+import google_crc32c
 import numpy as np
 
 from scratchpath.errors import ScratchpathError
 from scratchpath.files import atomic_write
-from scratchpath.store import layout
+from scratchpath.store import append, layout
 from scratchpath.store import table as tbl
 from scratchpath.store.codecs import LEGACY_SUBSAMPLING, TileCodec, register_zarr_codecs
 
@@ -90,7 +92,7 @@ class StoreWriter:
             self.shard_size = int(shard_size)
             self._create()
             self._lock()
-        self._table = tbl.TableAppender(self.path / layout.TABLES)
+        self._table = append.TableAppender(self.path / layout.TABLES)
         slides = self._table.table.slides
         self._complete = {s["sha256"] for s in slides if s["status"] == "ok"}
         self._complete |= {s["fast_id"] for s in slides if s["status"] == "ok" and "fast_id" in s}
@@ -204,7 +206,7 @@ class StoreWriter:
                     _remove_tree(shard_root / name)
             for tmp in shard_root.rglob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
-        tbl.write_table(self.path / layout.TABLES, old)
+        append.write_table(self.path / layout.TABLES, old)
         meta = json.loads((self.path / "zarr.json").read_bytes())
         meta["attributes"] = {**attrs, layout.VERSION_KEY: layout.STORE_FORMAT_VERSION,
                               "codec": self.codec.name}  # fmt: skip
@@ -270,14 +272,17 @@ class StoreWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(path, layout.build_shard(blobs, 0, self.shard_size))
 
-    def _commit(self, slide: dict, columns: dict, groups: np.ndarray) -> None:
-        """Append one slide (record + tile columns + group names) to the table: the commit."""
+    def _commit(
+        self, slide: dict, columns: dict, groups: np.ndarray, checksums: np.ndarray | None = None
+    ) -> None:
+        """Append one slide (record + tile columns + group names + tile checksums) to the
+        table: the commit."""
         slide["slide_index"] = len(self._table.table.slides)
         columns = dict(columns)
         columns["slide_index"] = np.full(int(slide["n_tiles"]), slide["slide_index"], np.int32)
         columns["group"], new_groups = self._table.group_codes(groups)
         self._grow_array(max(self._table.table.end_row, slide["row_start"] + slide["n_tiles"]))
-        self._table.append(slide, columns, new_groups)
+        self._table.append(slide, columns, new_groups, checksums)
         self._failed.add((_identity(slide), slide["reason"]))
         if slide["status"] == "ok":
             self._complete.add(slide["sha256"])
@@ -306,6 +311,7 @@ class SlideWriter:
         self._shards_written: list[int] = []
         self._n = 0
         self._columns: dict[str, list[np.ndarray]] = {k: [] for k in _SLIDE_COLUMNS}
+        self._checksums: list[int] = []  # CRC-32C of each tile's stored bytes
         self._done = False
 
     def add(self, tiles: np.ndarray, **columns: np.ndarray) -> None:
@@ -345,7 +351,9 @@ class SlideWriter:
         for key, arr in checked.items():
             self._columns[key].append(arr)
         for blob in blobs:
-            self._blobs.append(bytes(blob))
+            blob = bytes(blob)
+            self._checksums.append(google_crc32c.value(blob))
+            self._blobs.append(blob)
             if len(self._blobs) == self._store.shard_size:
                 self._flush()
         self._n += n
@@ -377,7 +385,7 @@ class SlideWriter:
         slide = {**_slide_defaults(self._record), "status": "ok", "reason": ""}
         slide.update(n_tiles=self._n, row_start=self._row_start)
         groups = columns.pop("group")
-        self._store._commit(slide, columns, groups)
+        self._store._commit(slide, columns, groups, np.array(self._checksums, np.uint32))
         self._finish()
 
     def abort(self) -> None:
