@@ -28,6 +28,7 @@ its file system); the entry in use is never evicted. Temporary folders of builds
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -210,7 +211,5 @@ def _alive(pid: int) -> bool:
 
 
 def _touch(folder: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache is still usable
         os.utime(folder / "done")  # the least-recently-used clock of eviction
-    except OSError:
-        pass  # a read-only cache is still usable
