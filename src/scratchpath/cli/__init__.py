@@ -28,6 +28,7 @@ COMMANDS = {
     "ingest": "scratchpath.cli.ingest",
     "import-tiles": "scratchpath.cli.import_tiles",
     "info": "scratchpath.cli.info",
+    "verify": "scratchpath.cli.verify",
     "preview": "scratchpath.cli.preview",
     "fit": "scratchpath.cli.fit",
     "export": "scratchpath.cli.export",
