@@ -12,7 +12,6 @@ import pytest
 from scratchpath.cli import info as info_cli
 from scratchpath.cli import ingest as ingest_cli
 from scratchpath.data import DistributedBatchSampler, PatchDataModule
-from scratchpath.data.sampling import magnification_groups, weight_magnifications
 from scratchpath.errors import ScratchpathError
 from scratchpath.ingest import ingest
 from scratchpath.slides import Slide, open_slide
@@ -123,25 +122,41 @@ def test_info_shows_tiles_per_mpp(multi: Path, capsys: pytest.CaptureFixture) ->
     assert "4 magnifications" in text and f"0.5 µm/px  {counts['0.5']} tiles" in text
 
 
+class _MultiMppTable:
+    """Only the tile table the sampler reads: 5 slides, each with tiles at 5 µm/px."""
+
+    def __init__(self, tile_mpp: np.ndarray) -> None:
+        n = len(tile_mpp)
+        self.tiles = {"slide_index": np.arange(n) * 5 // n, "mpp": tile_mpp,
+                      "tissue_fraction": np.ones(n, np.float32)}  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.tiles["mpp"])
+
+
+def _epoch(tile_mpp: np.ndarray, weights: dict[float, float], epoch: int = 0) -> np.ndarray:
+    sampler = DistributedBatchSampler.from_store(_MultiMppTable(tile_mpp), batch_size=1,
+                                                 mpp_weights=weights, seed=0)  # fmt: skip
+    return sampler.epoch_order(epoch)
+
+
 def test_weights_set_each_magnification_share_exactly() -> None:
-    tile_mpp = np.repeat([0.25, 0.5, 1.0, 2.0, 8.0], [400, 200, 100, 50, 30]).astype(np.float32)
-    tile_mpp[:400] *= 0.996  # a slide scanned at 0.249 still counts as 0.25
-    group, weights = magnification_groups(tile_mpp, {0.25: 1, 0.5: 1, 1.0: 1, 2.0: 1})
-    assert (group[-30:] == -1).all()  # 8 µm/px has no weight: never sampled
-    tiles = np.flatnonzero(group >= 0)
-    drawn = weight_magnifications(tiles, group, weights, np.random.default_rng(0))
-    assert len(drawn) == 750
-    np.testing.assert_array_equal(np.bincount(group[drawn], minlength=4), [188, 188, 187, 187])
+    # Per slide: 80 tiles at 0.25, 40 at 0.5, 20 at 1, 10 at 2, 6 at 8 µm/px (780 in all).
+    per_slide = np.repeat([0.25, 0.5, 1.0, 2.0, 8.0], [80, 40, 20, 10, 6])
+    tile_mpp = np.tile(per_slide, 5)
+    tile_mpp[tile_mpp == 0.25] *= 0.996  # a slide scanned at 0.249 still counts as 0.25
+    drawn = _epoch(tile_mpp, {0.25: 1, 0.5: 1, 1.0: 1, 2.0: 1})
+    assert len(drawn) == 780  # the epoch keeps its size; 8 µm/px has no weight: never sampled
+    level = np.rint(np.log2(tile_mpp / 0.249)).astype(int)
+    np.testing.assert_array_equal(np.bincount(level[drawn], minlength=6), [195] * 4 + [0, 0])
     per_tile = np.bincount(drawn, minlength=len(tile_mpp))
-    assert per_tile[:400].max() == 1  # subsampled: no repeats
-    assert set(per_tile[600:700]) == {1, 2}  # 187 from 100 tiles: each once or twice
-    assert set(per_tile[700:750]) == {3, 4}  # 187 from 50
-    group, weights = magnification_groups(tile_mpp, {0.5: 3, 1.0: 1, 2.0: 0})
-    drawn = weight_magnifications(np.flatnonzero(group >= 0), group, weights,
-                                  np.random.default_rng(0))  # fmt: skip
-    np.testing.assert_array_equal(np.bincount(group[drawn], minlength=3), [263, 87, 0])
+    assert per_tile[level == 0].max() == 1  # 195 from 400: subsampled, no repeats
+    assert set(per_tile[level == 2]) == {1, 2}  # 195 from 100: each once or twice
+    assert set(per_tile[level == 3]) == {3, 4}  # 195 from 50
+    drawn = _epoch(tile_mpp, {0.5: 3, 1.0: 1, 2.0: 0})
+    np.testing.assert_array_equal(np.bincount(level[drawn], minlength=6), [0, 585, 195, 0, 0, 0])
     with pytest.raises(ScratchpathError, match=r"^mpp_weights: "):
-        magnification_groups(tile_mpp, {0.5: 0.0})
+        _epoch(tile_mpp, {0.5: 0.0})
 
 
 def _weighted_sampler(multi: Path, **kwargs) -> DistributedBatchSampler:

@@ -219,10 +219,10 @@ class _Table:
 
 
 def test_blocked_permutation_is_a_disjoint_deterministic_split(monkeypatch):
-    from scratchpath.data import sampling
+    from scratchpath.data.sampling import order, permute
 
-    monkeypatch.setattr(sampling, "EXACT_SHUFFLE_TILES", 0)  # force the large-store path
-    monkeypatch.setattr(sampling, "PERMUTATION_BLOCK", 64)
+    monkeypatch.setattr(order, "EXACT_SHUFFLE_TILES", 0)  # force the large-store path
+    monkeypatch.setattr(permute, "PERMUTATION_BLOCK", 64)
     table = _Table(20_011)
     pool = np.flatnonzero(table.tiles["tissue_fraction"] >= 0.5)
 

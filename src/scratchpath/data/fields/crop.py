@@ -1,0 +1,28 @@
+"""``crop_fields``: the batched crops of µm-continuous views (``torchvision.ops.roi_align``)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def crop_fields(
+    tiles: torch.Tensor, tile_of_view: torch.Tensor, boxes: torch.Tensor, sizes: list[int]
+) -> list[torch.Tensor]:
+    """Batched crops: ``tiles`` (U, 3, T, T) uint8 source tiles, ``tile_of_view`` (V, B) which
+    tile each view reads, ``boxes`` (V, B, 4) windows in source px -> V uint8 (B, 3, s, s)."""
+    from torchvision.ops import roi_align
+
+    v, b = tile_of_view.shape
+    pixels = tiles.float()
+    rois = torch.cat([tile_of_view.reshape(-1, 1).to(pixels), boxes.reshape(-1, 4).to(pixels)],
+                     dim=1)  # fmt: skip
+    out: list[torch.Tensor | None] = [None] * v
+    for size in sorted(set(sizes)):
+        views = [i for i in range(v) if sizes[i] == size]
+        rows = torch.cat([torch.arange(i * b, (i + 1) * b) for i in views]).to(pixels.device)
+        crops = roi_align(pixels, rois[rows], output_size=size, spatial_scale=1.0,
+                          sampling_ratio=-1, aligned=True)  # fmt: skip
+        crops = crops.round_().clamp_(0, 255).to(torch.uint8).view(len(views), b, 3, size, size)
+        for j, i in enumerate(views):
+            out[i] = crops[j]
+    return out  # type: ignore[return-value]
