@@ -21,6 +21,11 @@ Reading a whole batch with one ``store.read`` gives 1.3x the tiles/s of per-tile
 (``benchmarks/bench_loader.py``). The sampling plan (shuffle modes, slide balance, tissue
 filter, drop/pad semantics) is documented in :mod:`scratchpath.data.sampling`.
 
+One committed state per run: at ``setup`` every rank opens rank 0's committed state of the
+stores (:mod:`scratchpath.data.agreement`; a disagreement is one error on every rank, not a
+hang), and DataLoader workers get the store pickled with that state, so an ingest appending to
+a store during the run changes nothing the run reads (fork, spawn and forkserver workers alike).
+
 Checkpoints carry the position: :meth:`PatchDataModule.state_dict` records (epoch, batches
 consumed), Lightning restores it with :meth:`~PatchDataModule.load_state_dict` before asking for
 the train loader, and the sampler then skips the consumed batches of that epoch, so a resumed run
@@ -39,6 +44,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from scratchpath.data.agreement import agree_on_stores
 from scratchpath.data.fields import FieldsOfView, FieldViewBatches, crop_fields
 from scratchpath.data.sampling import BatchRequest, DistributedBatchSampler, sample_seed
 from scratchpath.errors import ScratchpathError
@@ -148,10 +154,12 @@ class PatchDataModule(L.LightningDataModule):
         batch_size: tiles per batch on each device.
         num_workers: DataLoader worker processes per device (0: load in the main process).
         seed: base seed of the tile order (per epoch) and of each tile's views.
-        shuffle: ``"tile"`` (global permutation, best mixing, random reads) or ``"shard"``
-            (shards in random order through a shuffle buffer: sequential reads for object stores
-            and network file systems); see :mod:`scratchpath.data.sampling`.
-        shuffle_buffer: tiles mixed together in ``"shard"`` mode.
+        shuffle: ``"tile"`` (global permutation, best mixing, one random read per tile: local
+            disks) or ``"shard"`` (shards in random order through a shuffle buffer: each shard
+            file opened once per buffer, for parallel and network file systems and object
+            stores; fewer slides per batch); see :mod:`scratchpath.data.sampling`.
+        shuffle_buffer: tiles mixed together in ``"shard"`` mode (65,536: 64 shards of 1,024
+            tiles per batch's window).
         max_tiles_per_slide: at most this many tiles per slide per epoch, a fresh random subset
             each epoch (None: every tile every epoch).
         min_tissue: skip tiles whose recorded tissue fraction is below this.
@@ -177,7 +185,7 @@ class PatchDataModule(L.LightningDataModule):
         num_workers: int = 4,
         seed: int = 0,
         shuffle: Literal["tile", "shard"] = "tile",
-        shuffle_buffer: int = 4096,
+        shuffle_buffer: int = 65536,
         max_tiles_per_slide: int | None = None,
         min_tissue: float = 0.0,
         pin_memory: bool = True,
@@ -224,6 +232,9 @@ class PatchDataModule(L.LightningDataModule):
         return self._store
 
     def setup(self, stage: str) -> None:
+        # Every rank reads rank 0's committed state of the stores (data.agreement), whatever an
+        # ingest appends during the run; workers inherit it with the pickled store.
+        self._store = agree_on_stores(self.store)
         if len(self.store) == 0:
             raise ScratchpathError(f"stores: {', '.join(self.stores)} hold no tiles")
 
@@ -380,10 +391,11 @@ class PatchDataModule(L.LightningDataModule):
 
     @cached_property
     def _store_entries(self) -> list[dict[str, Any]]:
-        # Stores are read-only during training: hash each once, not at every checkpoint.
+        # Each store as the run reads it (its committed state, not what an ingest appended
+        # since), hashed once, not at every checkpoint.
         entries = []
-        for path in self.stores:
-            single = PatchStore(path)
+        for path, state in zip(self.stores, self.store.state, strict=True):
+            single = PatchStore(path, state=[state])
             entries.append(
                 {"path": path, "fingerprint": single.fingerprint, "n_tiles": len(single)}
             )

@@ -98,9 +98,13 @@ class TileTable:
         return int((self.row_start + self.n_tiles).max()) if len(self.slides) else 0
 
     def state_digest(self) -> str:
-        """A short hash of the committed slides' table digests: with the slide count, what
-        identifies this committed state of the store (O(slides))."""
-        return hashlib.sha256("".join(self.digests).encode()).hexdigest()[:16]
+        """A short hash of the committed slides (their source's sha256 and slide id) and of
+        their table digests: with the slide count, what identifies this committed state of the
+        store (O(slides))."""
+        h = hashlib.sha256("".join(self.digests).encode())
+        for slide in self.slides:
+            h.update(f"|{slide.get('sha256', '')}|{slide.get('slide_id', '')}".encode())
+        return h.hexdigest()[:16]
 
 
 def empty_columns(n: int = 0) -> dict[str, np.ndarray]:
