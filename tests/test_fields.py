@@ -190,3 +190,57 @@ def test_dino_trains_two_steps_on_field_views(store: PatchStore, tmp_path) -> No
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2
     assert all(torch.isfinite(p).all() for p in module.backbone.parameters())
+
+
+# -- the magnification index at archive scale: built once, cached, mapped ---------------------
+def test_tile_at_finds_the_one_tile_holding_each_point(store: PatchStore) -> None:
+    index = MagnificationIndex(store)
+    rng = np.random.default_rng(3)
+    points = rng.random((400, 2)) * SIDE * MPP0  # µm on the (only) slide
+    slide = np.zeros(len(points), np.int64)
+    origin = index.origin(np.arange(len(store)))
+    extent = index.extent(np.arange(len(store)))
+    for k, mpp in enumerate(index.mpps):
+        found = index.tile_at(slide, k, points)
+        at_k = np.isclose(store.tiles["mpp"], mpp, rtol=0.01)
+        inside = ((points[:, None] >= origin[None]) & (points[:, None] <= origin[None]
+                  + extent[None, :, None])).all(axis=2) & at_k[None]  # fmt: skip
+        expected = np.where(inside.any(axis=1), inside.argmax(axis=1), -1)
+        np.testing.assert_array_equal(found, expected)
+    assert (index.tile_at(slide, 0, points) >= 0).mean() > 0.9  # most points lie in a tile
+
+
+def test_the_index_is_built_once_cached_and_mapped_by_workers(
+    store: PatchStore, tmp_path, monkeypatch
+) -> None:
+    import pickle
+
+    from scratchpath.data.fields import index as index_module
+    from scratchpath.store import table as tbl
+
+    in_memory = FieldViewBatches(store, FieldsOfView(**FIELDS), seed=2)
+    monkeypatch.setattr(tbl, "IN_MEMORY_TILES", 0)  # index this small store as a large one
+    monkeypatch.setenv("SCRATCHPATH_CACHE", str(tmp_path / "cache"))
+    built = FieldViewBatches(store, FieldsOfView(**FIELDS), seed=2)
+    folder = built.index.folder
+    assert folder is not None and folder.parent == tmp_path / "cache"
+    assert isinstance(built.index._keys, np.memmap) and isinstance(built.index._order, np.memmap)
+    request = BatchRequest(1, np.arange(0, len(store), 5))
+    for a, b in ((in_memory.plan(request), built.plan(request)),):
+        np.testing.assert_array_equal(a.source, b.source)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+
+    def no_rebuild(self, folder):
+        raise AssertionError("the index was built again")
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("a worker looked the index up instead of mapping its folder")
+
+    monkeypatch.setattr(index_module.MagnificationIndex, "_write", no_rebuild)
+    other_rank = FieldViewBatches(store, FieldsOfView(**FIELDS), seed=2)  # finds the entry
+    with monkeypatch.context() as patch:
+        patch.setattr(index_module.cache, "cached_or_none", no_lookup)
+        worker = pickle.loads(pickle.dumps(built))  # what a spawned DataLoader worker receives
+    for again in (worker, other_rank):
+        assert again.index.folder == folder and isinstance(again.index._keys, np.memmap)
+        np.testing.assert_array_equal(again.plan(request).source, built.plan(request).source)
