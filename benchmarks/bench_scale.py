@@ -1,26 +1,37 @@
-"""Does the store stay cheap at archive scale (10^7-10^8 tiles, 10^4 slides)? CPU, synthetic.
+"""Is every data path as lean at archive scale (10^7-10^8 tiles, 10^4 slides) as the default one?
 
-No pixels are needed: the tile tables are written directly (10^4 slides, random tissue
-fractions, 1024-tile shards), in this code's format 2 and, for the *before* figures, in the
-format 1 of the code this branch started from (``BASELINE`` commit, extracted with ``git
-archive`` and run in its own process). Each figure is measured in a fresh process:
+CPU, synthetic: no pixels are needed. Stores are written directly (``scale_tables.py``: 10^4
+slides, each cut at 0.25, 0.5, 1 and 2 µm/px like ``ingest --mpp 0.25 0.5 1 2``, random tissue
+fractions, 1024-tile shards whose files are hard links to one template, so 10^8 tiles make
+10^5 real shard files). Each figure is measured in a fresh child process
+(``scale_measure.py``), for this tree's code and, for the *before* figures, for two baselines
+extracted with ``git archive`` and run the same way:
 
-- **table**: open time, then bytes per tile that one process holds resident after touching the
-  columns a training process reads (slide_index, tissue_fraction; chunk ids for shard mode):
-  ``private`` (anonymous memory: copied per rank and per worker) and ``rss`` (also counting the
-  memory-mapped pages, which all processes of a machine share).
-- **plan**: seconds before the first batch of an epoch (both shuffle modes, world size 8, batch
-  256), and milliseconds per batch after that (new code: the order is a function of position).
-- **ingest**: per-slide bookkeeping of one ingest run (writer commit of a 4-tile slide + the run
-  record) for slides 1-10 and for slides 10,001-10,010 of a store prefilled with 10^4 slides;
-  the old code's run record is its run.json with every outcome so far, rewritten per slide.
+- ``BASELINE`` (main before issue 20): µm-field index and sampler options;
+- ``FORMAT1_BASELINE`` (main before issue 10: format-1 store, old sampler and ingest): the
+  default path's table, open and plan figures.
 
-- **many stores**: 10^3 format-2 stores (10^4 tiles each) opened as one ``PatchStore``.
+Figures, per size:
 
-Usage: ``python benchmarks/bench_scale.py [--sizes 1e7,1e8] [--old-sizes 1e7] [--stores 1000]``.
-The 10^8 table is 3.2 GB on disk (format 2); the format-1 baseline is run at 10^7 only (~26 GB
-of RAM at 10^8).
-Last line: ``scale: B bytes/tile, plan P s at 1e8, ingest slide 10000/1 = R``.
+- **default path** (no sampler option; tile and shard order): store open, reopen as a worker
+  does, private and resident bytes per tile, seconds before the first batch of an epoch, ms per
+  batch after (world size 8, batch 256).
+- **sampler options**: ``mpp_weights`` ({0.25: 1}, as the µm-field recipes; and all four),
+  ``max_tiles_per_slide=500``, ``min_tissue=0.5`` and all three at once: set-up and epoch plan
+  in CPU seconds, ms per batch, private bytes per tile after and at the peak.
+- **µm-field index**: build in CPU seconds (one core, empty cache), peak bytes per tile; then a
+  DataLoader worker's private bytes per tile once it has the index (mapped) and planned batches.
+- **shuffling on a parallel file system**: shard-file ``open`` calls per tile of a rank whose
+  DataLoader has 4 worker processes, for ``shuffle: tile`` and ``shuffle: shard`` (buffers of
+  4,096 and 65,536 tiles), and the price: distinct slides and shards per batch of 256.
+- **verify** (10^7 only: a Python loop per tile): CPU µs per tile without decoding.
+- **many stores**: 10^3 stores opened as one (the merged table, cached once); **ingest
+  bookkeeping**: commit + run record of slide 10,001 against slide 1.
+
+Usage: ``python benchmarks/bench_scale.py [--sizes 1e7,1e8] [--old-sizes 1e7] [--stores 1000]``
+(the old code is run at ``--old-sizes`` only: its µm index takes ~10 GB at 10^8; its 10^8
+figures are extrapolated x10 where the cost is O(tiles)). The 10^8 store is 3.6 GB on disk.
+Last line: ``scale: ... at 1e8: µm index build B s, worker W B/tile; weighted plan ...``.
 """
 
 from __future__ import annotations
@@ -28,295 +39,205 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
-BASELINE = "cfcb282"  # main before issue 10 (format-1 store, old sampler and ingest)
+BENCH = REPO / "benchmarks"
+BASELINE = "3f9978c"  # main before issue 20 (µm index per worker, samplers O(tiles))
+FORMAT1_BASELINE = "cfcb282"  # main before issue 10 (format-1 store, old sampler and ingest)
 N_SLIDES = 10_000
-SHARD = 1024
+MODES = ("weights_025", "weights_all", "cap", "tissue", "all")
+
+sys.path[:0] = [str(REPO / "src"), str(BENCH)]  # this tree's code writes the stores
+import scale_tables  # noqa: E402
 
 
-# -- synthetic tables -------------------------------------------------------------------------
-def _slide_sizes(n: int, n_slides: int = N_SLIDES) -> np.ndarray:
-    sizes = np.full(n_slides, n // n_slides, np.int64)
-    sizes[: n % n_slides] += 1
-    return sizes
-
-
-def _records(sizes: np.ndarray) -> list[dict]:
-    rows = np.concatenate([[0], np.cumsum(-(-sizes // SHARD) * SHARD)[:-1]])
-    pairs = enumerate(zip(sizes.tolist(), rows.tolist(), strict=True))
-    return [{"source": f"s{k}.svs", "slide_id": f"s{k}", "sha256": f"{k:064x}", "bytes": 1,
-             "vendor": "aperio", "width": 1, "height": 1, "mpp": 0.25, "status": "ok",
-             "reason": "", "n_tiles": int(n), "row_start": int(r), "slide_index": k}
-            for k, (n, r) in pairs]  # fmt: skip
-
-
-def _group_attrs(path: Path, version: int, codec: str) -> None:
-    (path / "tables").mkdir(parents=True, exist_ok=True)
-    attrs = {"scratchpath_format_version": version, "tile_size": 224, "codec": codec,
-             "shard_size": SHARD, "class_names": []}  # fmt: skip
-    meta = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
-    (path / "zarr.json").write_text(json.dumps(meta))
-    (path / "tables" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group"}))
-
-
-def _column_chunks(sizes: np.ndarray, chunk: int = 10_000_000):
-    """(first, slide_index, tissue_fraction) in chunks, so 10^8 tiles never sit in memory."""
-    slide_of = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
-    rng = np.random.default_rng(0)
-    for first in range(0, len(slide_of), chunk):
-        part = slide_of[first : first + chunk]
-        yield first, part, rng.random(len(part), np.float32)
-
-
-def write_new_table(path: Path, n: int, n_slides: int = N_SLIDES) -> None:
-    """A format-2 store's table (slides.jsonl + column files) of n tiles, no shards."""
-    from scratchpath.store import table as tbl
-
-    _group_attrs(path, 2, "jpeg:90:444")
-    sizes = _slide_sizes(n, n_slides)
-    folder = path / "tables" / tbl.TILE_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {k: open(folder / f"{k}.bin", "wb") for k in tbl.TABLE_DTYPES}  # noqa: SIM115
-    for _, slide, tissue in _column_chunks(sizes):
-        m = len(slide)
-        xy = np.arange(m, dtype=np.int32) % 50_000 * 224
-        values = {"slide_index": slide, "x": xy, "y": xy, "level": np.zeros(m, np.int16),
-                  "mpp": np.full(m, 0.5), "tissue_fraction": tissue,
-                  "label": np.full(m, -1, np.int16), "group": np.zeros(m, np.int32)}  # fmt: skip
-        for key, (dtype, _) in tbl.TABLE_DTYPES.items():
-            files[key].write(np.ascontiguousarray(values[key], dtype).tobytes())
-    for f in files.values():
-        f.close()
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    with open(path / "tables" / tbl.SLIDES_FILE, "w") as f:
-        for record, start in zip(_records(sizes), starts.tolist(), strict=True):
-            table = {"tile_start": start, "n_tiles": record["n_tiles"], "new_groups": [],
-                     "sha256": "0" * 64}  # fmt: skip
-            f.write(json.dumps({"slide": record, "table": table}, sort_keys=True) + "\n")
-
-
-def write_old_table(path: Path, n: int) -> None:
-    """A format-1 store's table (one merged npz segment) of n tiles, as the old writer leaves."""
-    _group_attrs(path, 1, "jpeg:90")
-    sizes = _slide_sizes(n)
-    records = _records(sizes)
-    slide = np.repeat(np.arange(N_SLIDES, dtype=np.int64), sizes)
-    rows = np.concatenate([np.arange(r["row_start"], r["row_start"] + r["n_tiles"])
-                           for r in records])  # fmt: skip
-    arrays = {"slide_index": slide, "x": np.arange(n) % 50_000 * 224, "y": np.zeros(n, np.int64),
-              "level": np.zeros(n, np.int64), "mpp": np.full(n, 0.5),
-              "tissue_fraction": np.random.default_rng(0).random(n, np.float32),
-              "label": np.full(n, -1, np.int64), "group": np.full(n, "", "<U1"), "row": rows,
-              "slides_json": np.array(json.dumps(records, sort_keys=True))}  # fmt: skip
-    np.savez(path / "tables" / f"seg-{0:010d}-{N_SLIDES:010d}.npz", **arrays)
-
-
-# -- measurements in a child process ------------------------------------------------------------
-def _memory() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
-        key, value = line.split(":")
-        out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def child_table(path: str, n: int, shuffle: str) -> dict:
-    from scratchpath.data.sampling import DistributedBatchSampler
-    from scratchpath.store import PatchStore
-
-    before = _memory()  # after the imports (torch alone is a few hundred MB)
-    start = time.perf_counter()
-    store = PatchStore(path)
-    opened = time.perf_counter() - start
-    kw = {"batch_size": 256, "world_size": 8, "rank": 3, "shuffle": shuffle, "seed": 0}
-    sampler = DistributedBatchSampler.from_store(store, **kw)
-    sampler.set_epoch(1)
-    t0 = time.perf_counter()
-    first = next(iter(sampler))
-    plan = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    it = iter(sampler)
-    for _ in range(50):
-        next(it)
-    per_batch = (time.perf_counter() - t1) / 50
-    assert len(first.indices) == 256
-    after = _memory()
-    private = after["Anonymous"] - before["Anonymous"]
-    rss = after["Rss"] - before["Rss"]
-    return {"open_s": opened, "plan_s": plan, "batch_ms": per_batch * 1e3,
-            "private_b": private / n, "rss_b": rss / n}  # fmt: skip
-
-
-def child_many(root: str, n: int) -> dict:
-    """Open 10^3 shard stores as one: first (builds the merged table cache) and again."""
-    from scratchpath.data.sampling import DistributedBatchSampler
-    from scratchpath.store import PatchStore
-
-    paths = sorted(str(p) for p in Path(root).glob("shard-*.zarr"))
-    before = _memory()
-    t = time.perf_counter()
-    store = PatchStore(*paths)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    store = PatchStore(*paths)
-    again = time.perf_counter() - t
-    sampler = DistributedBatchSampler.from_store(store, batch_size=256, world_size=8)
-    next(iter(sampler))
-    private = _memory()["Anonymous"] - before["Anonymous"]
-    assert len(store) == n
-    return {"first_s": first, "again_s": again, "private_b": private / n, "stores": len(paths)}
-
-
-def child_ingest(path: str, old: bool) -> dict:
-    """Seconds of per-slide bookkeeping for slides 1-10 (empty store) and 10,001-10,010."""
-    import numpy as np
-
-    from scratchpath.files import atomic_write
-    from scratchpath.store import StoreWriter, TileCodec
-
-    blob = TileCodec.parse("jpeg", 8).encode(np.zeros((8, 8, 3), np.uint8))
-
-    def run(store: Path, first_slide: int) -> list[float]:
-        times = []
-        outcomes = [{"source": f"s{k}", "slide_id": f"s{k}", "n_tiles": 4, "status": "ok",
-                     "reason": ""} for k in range(first_slide)]  # fmt: skip
-        t_open = time.perf_counter()
-        with StoreWriter(store, tile_size=224, codec="jpeg:90" if old else "jpeg") as writer:
-            opened = time.perf_counter() - t_open
-            log = None if old else open(store / "run.log.jsonl", "a")  # noqa: SIM115
-            for k in range(first_slide, first_slide + 10):
-                t = time.perf_counter()
-                record = {"source": f"n{k}", "slide_id": f"n{k}", "sha256": f"n{k}"}
-                with writer.begin_slide(record) as slide:
-                    slide.add_encoded([blob] * 4, x=np.arange(4))
-                outcome = {"source": f"n{k}", "slide_id": f"n{k}", "n_tiles": 4, "status": "ok",
-                           "reason": ""}  # fmt: skip
-                outcomes.append(outcome)
-                if old:  # the old ingest loop: re-sum and rewrite run.json with every outcome
-                    sum(o["n_tiles"] for o in outcomes)
-                    info = {"arguments": {}, "slides": outcomes, "status": "running"}
-                    with atomic_write(store / "run.json") as tmp:
-                        tmp.write_bytes(json.dumps(info, indent=1).encode())
-                else:
-                    log.write(json.dumps(outcome) + "\n")
-                    log.flush()
-                times.append(time.perf_counter() - t)
-            if log is not None:
-                log.close()
-        return times, opened
-
-    first, open_first = run(Path(path) / "empty.zarr", 0)
-    late, open_late = run(Path(path) / "full.zarr", N_SLIDES)
-    return {"first_s": float(np.median(first)), "late_s": float(np.median(late)),
-            "open_empty_s": open_first, "open_full_s": open_late}  # fmt: skip
-
-
-def _prefill_ingest_store(path: Path, old: bool) -> None:
-    """10^4 committed 4-tile slides (shards not needed: nothing reads them)."""
-    if old:
-        write_old_table(path, 4 * N_SLIDES)
-    else:
-        write_new_table(path, 4 * N_SLIDES)
-    import zarr
-
-    zarr.create_array(store=str(path / "tiles"), shape=(N_SLIDES * SHARD, 224, 224, 3),
-                      chunks=(1, 224, 224, 3), dtype="uint8", zarr_format=3)  # fmt: skip
-
-
-def _child(args: list[str], src: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
-    code = f"import sys, json; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); " \
-           f"import bench_scale as b; print(json.dumps(b.{args[0]}(*{args[1:]!r})))"  # fmt: skip
+def _child(function: str, *args, src: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{BENCH}", "OMP_NUM_THREADS": "1"}
+    code = f"import json, scale_measure as m; print(json.dumps(m.{function}(*{args!r})))"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
+        raise RuntimeError(f"{function}{args}: {done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _baseline(commit: str, into: Path) -> Path:
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src"],
+                             capture_output=True, check=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src"
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def measure_size(n: int, tmp: Path, srcs: dict[str, Path], old: bool, verify: bool) -> dict:
+    """Every figure at one size (new code; the baselines too when ``old``)."""
+    new = srcs["new"]
+    out: dict = {}
+    path = tmp / f"store-{n}.zarr"
+    t = time.perf_counter()
+    scale_tables.write_multi_mpp_store(path, n, N_SLIDES, shards=True)
+    _say(f"-- {n:.0e} tiles, {N_SLIDES} slides: store written in {time.perf_counter() - t:.0f} s")
+    codes = [("new", new)] + ([("old", srcs["format1"])] if old else [])
+    for code, src in codes:
+        table = path
+        if code == "old":
+            table = tmp / f"format1-{n}.zarr"
+            scale_tables.write_format1_store(table, n, N_SLIDES)
+        for shuffle in ("tile", "shard"):
+            r = _child("child_table", str(table), n, shuffle, src=src)
+            out[(code, "default", shuffle)] = r
+            _say(f"{code} default path {shuffle:>5}: open {r['open_s']:.2f} s, reopen "
+                 f"{r['reopen_s']:.2f} s, private {r['private_b']:.2f} B/tile, rss "
+                 f"{r['rss_b']:.1f} B/tile, plan {r['plan_s']:.3f} s, then "
+                 f"{r['batch_ms']:.3f} ms/batch")  # fmt: skip
+        if code == "old":
+            shutil.rmtree(table)
+    codes = [("new", new)] + ([("old", srcs["before"])] if old else [])
+    for code, src in codes:
+        for mode in MODES:
+            for shuffle in ("tile", "shard") if mode == "weights_025" else ("tile",):
+                r = _child("child_sampler", str(path), n, mode, shuffle, src=src)
+                out[(code, mode, shuffle)] = r
+                _say(f"{code} sampler {mode:>11} {shuffle:>5}: set-up {r['setup_cpu_s']:.2f} "
+                     f"CPU s ({r['setup_wall_s']:.2f} wall), plan {r['plan_cpu_s']:.3f} CPU s, "
+                     f"{r['batch_ms']:.2f} ms/batch, private {r['private_b']:.3f} B/tile, peak "
+                     f"{r['peak_b']:.2f} B/tile ({r['tiles_per_epoch']} tiles/epoch)")  # fmt: skip
+        cache = tmp / f"cache-{code}-{n}"
+        timed = _child("child_index", str(path), n, str(cache), False, src=src)
+        shutil.rmtree(cache, ignore_errors=True)
+        traced = _child("child_index", str(path), n, str(cache), True, src=src)
+        r = {**timed, "peak_b": traced["peak_b"]}
+        if code == "new":
+            worker = _child("child_index_worker", str(path), n, str(cache), src=src)
+            r.update(worker_private_b=worker["private_b"], worker_rss_b=worker["rss_b"],
+                     worker_plan_ms=worker["plan_ms"], worker_open_s=worker["open_s"])  # fmt: skip
+        else:  # every worker builds its own index: its resident memory is the build's
+            r.update(worker_private_b=timed["private_b"])
+        out[(code, "index")] = r
+        shutil.rmtree(cache, ignore_errors=True)
+        _say(f"{code} µm index: build {r['build_cpu_s']:.1f} CPU s ({r['build_wall_s']:.1f} "
+             f"wall), peak {r['peak_b']:.1f} B/tile, per worker {r['worker_private_b']:.2f} "
+             f"B/tile private; magnifications {timed['mpps']}")  # fmt: skip
+    for shuffle, buffer in (("tile", 0), ("shard", 4096), ("shard", 65536)):
+        r = _child("child_opens", str(path), n, shuffle, buffer or 1, 4, 300, src=new)
+        out[("new", "opens", shuffle, buffer)] = r
+        name = f"{shuffle} {buffer}" if buffer else shuffle
+        _say(f"new {name:>11}: {r['opens_per_tile']:.4f} opens/tile over {r['shard_files']} "
+             f"shard files (4 workers, {r['tiles']} tiles), {r['slides_per_batch']:.1f} slides "
+             f"and {r['shards_per_batch']:.1f} shards per batch of 256")  # fmt: skip
+    if verify:
+        r = _child("child_verify", str(path), n, src=new)
+        out[("new", "verify")] = r
+        _say(
+            f"new verify --skip-decode: {r['cpu_us_per_tile']:.1f} CPU µs/tile, "
+            f"{r['damaged']} damaged, {r['checksummed']} checked against checksums"
+        )
+    shutil.rmtree(path)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1e7,1e8")
     parser.add_argument("--old-sizes", default="1e7")
+    parser.add_argument("--verify-sizes", default="1e7")
     parser.add_argument("--tmp", default=tempfile.gettempdir())
     parser.add_argument("--stores", type=int, default=1000, help="shard stores opened as one")
     parser.add_argument("--stores-tiles", type=int, default=10_000_000, help="their tiles in all")
     args = parser.parse_args()
-    sizes = [int(float(s)) for s in args.sizes.split(",") if s]
-    old_sizes = [int(float(s)) for s in args.old_sizes.split(",") if s]
+
+    def sizes_of(text: str) -> list[int]:
+        return [int(float(s)) for s in text.split(",") if s]
+
+    sizes, old_sizes = sizes_of(args.sizes), sizes_of(args.old_sizes)
+    results: dict = {}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp_name:
         tmp = Path(tmp_name)
-        old_src = tmp / "old"
-        old_src.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", BASELINE, "src"],
-                                 capture_output=True, check=True).stdout  # fmt: skip
-        subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive, check=True)
-        new_src, old_src = REPO / "src", old_src / "src"
-        results: dict[tuple[str, int], dict] = {}
-        for code, ns in (("old", old_sizes), ("new", sizes)):
-            for n in ns:
-                path = tmp / f"{code}-{n}.zarr"
-                t = time.perf_counter()
-                (write_old_table if code == "old" else write_new_table)(path, n)
-                made = time.perf_counter() - t
-                src = old_src if code == "old" else new_src
-                for shuffle in ("tile", "shard"):
-                    r = _child(["child_table", str(path), n, shuffle], src)
-                    results[(code, n, shuffle)] = r
-                    print(f"{code} {n:.0e} tiles {shuffle:>5}: open {r['open_s']:6.2f} s, "
-                          f"private {r['private_b']:6.1f} B/tile, rss {r['rss_b']:6.1f} B/tile, "
-                          f"plan {r['plan_s']:7.2f} s, then {r['batch_ms']:.3f} ms/batch "
-                          f"(table written in {made:.0f} s)", flush=True)  # fmt: skip
-                import shutil
-
-                shutil.rmtree(path)
+        srcs = {"new": REPO / "src", "before": _baseline(BASELINE, tmp / "before"),
+                "format1": _baseline(FORMAT1_BASELINE, tmp / "format1")}  # fmt: skip
+        for n in sorted(set(sizes) | set(old_sizes)):
+            verify = n in sizes_of(args.verify_sizes)
+            results[n] = measure_size(n, tmp, srcs, old=n in old_sizes, verify=verify)
         if args.stores:
             many = tmp / "many"
             per_store = args.stores_tiles // args.stores
             for k in range(args.stores):
-                write_new_table(many / f"shard-{k:04d}.zarr", per_store, n_slides=10)
-            os.environ["SCRATCHPATH_CACHE"] = str(tmp / "cache")
-            r = _child(["child_many", str(many), per_store * args.stores], new_src)
-            print(f"new {r['stores']} stores of {per_store} tiles opened as one: first "
-                  f"{r['first_s']:.1f} s (builds the merged cache), then {r['again_s']:.1f} s; "
-                  f"private {r['private_b']:.1f} B/tile", flush=True)  # fmt: skip
+                scale_tables.write_multi_mpp_store(many / f"shard-{k:04d}.zarr", per_store, 10)
+            os.environ["SCRATCHPATH_CACHE"] = str(tmp / "cache-many")
+            r = _child("child_many", str(many), per_store * args.stores, src=srcs["new"])
+            _say(f"new {r['stores']} stores of {per_store} tiles opened as one: first "
+                 f"{r['first_s']:.1f} s (builds the merged cache), then {r['again_s']:.1f} s; "
+                 f"private {r['private_b']:.1f} B/tile")  # fmt: skip
         ingest = {}
         for code in ("old", "new"):
             work = tmp / f"ingest-{code}"
             work.mkdir()
-            _prefill_ingest_store(work / "full.zarr", old=code == "old")
-            r = _child(["child_ingest", str(work), code == "old"],
-                       old_src if code == "old" else new_src)  # fmt: skip
+            full = work / "full.zarr"
+            if code == "old":
+                scale_tables.write_format1_store(full, 4 * N_SLIDES, N_SLIDES)
+            else:
+                scale_tables.write_multi_mpp_store(full, 4 * N_SLIDES, N_SLIDES)
+            import zarr
+
+            zarr.create_array(store=str(full / "tiles"), shape=(N_SLIDES * 1024, 224, 224, 3),
+                              chunks=(1, 224, 224, 3), dtype="uint8", zarr_format=3)  # fmt: skip
+            src = srcs["format1"] if code == "old" else srcs["new"]
+            r = _child("child_ingest", str(work), code == "old", N_SLIDES, src=src)
             ingest[code] = r
-            print(f"{code} ingest bookkeeping: slide 1 {r['first_s'] * 1e3:.1f} ms, slide 10,001 "
-                  f"{r['late_s'] * 1e3:.1f} ms (ratio {r['late_s'] / r['first_s']:.2f}); writer "
-                  f"open {r['open_empty_s'] * 1e3:.0f} ms empty, "
-                  f"{r['open_full_s'] * 1e3:.0f} ms at 10^4 slides", flush=True)  # fmt: skip
-    ratio = ingest["new"]["late_s"] / ingest["new"]["first_s"]
-    if not sizes:
-        print(f"scale: ingest slide 10000/1 = {ratio:.2f} (no table sizes asked)")
-        return
+            _say(f"{code} ingest bookkeeping: slide 1 {r['first_s'] * 1e3:.1f} ms, slide 10,001 "
+                 f"{r['late_s'] * 1e3:.1f} ms (ratio {r['late_s'] / r['first_s']:.2f}); writer "
+                 f"open {r['open_empty_s'] * 1e3:.0f} ms empty, "
+                 f"{r['open_full_s'] * 1e3:.0f} ms at 10^4 slides")  # fmt: skip
+    _summary(results, sizes, old_sizes, ingest)
+
+
+def _summary(results: dict, sizes: list[int], old_sizes: list[int], ingest: dict) -> None:
+    """Before/after per figure, and how each grows with the tiles."""
+    _say("\nbefore -> after (old at 1e8: its 1e7 figure x10 where the cost is O(tiles))")
+    rows = [("µm index build, CPU s", ("index",), "build_cpu_s", 10),
+            ("µm index per worker, private B/tile", ("index",), "worker_private_b", 1),
+            ("µm index build peak, B/tile", ("index",), "peak_b", 1)]  # fmt: skip
+    for mode in MODES:
+        rows += [(f"sampler {mode}: set-up CPU s", (mode, "tile"), "setup_cpu_s", 10),
+                 (f"sampler {mode}: plan CPU s", (mode, "tile"), "plan_cpu_s", 10),
+                 (f"sampler {mode}: private B/tile", (mode, "tile"), "private_b", 1),
+                 (f"sampler {mode}: peak B/tile", (mode, "tile"), "peak_b", 1)]  # fmt: skip
+    base_n = max(old_sizes, default=0)
+    for label, key, field, growth in rows:
+        cells = []
+        for n in sorted(set(sizes) | set(old_sizes)):
+            new = results[n].get(("new", *key), {}).get(field)
+            old = results[n].get(("old", *key), {}).get(field)
+            old_text = "-" if old is None else f"{old:.3f}"
+            if old is None and base_n and n > base_n:
+                base = results[base_n].get(("old", *key), {}).get(field)
+                if base is not None:  # O(tiles) seconds grow with n; bytes per tile do not
+                    old_text = f"~{base * (n / base_n if growth == 10 else 1):.2f}"
+            if new is not None:
+                cells.append(f"{n:.0e}: {old_text} -> {new:.3f}")
+        _say(f"{label:>40}: " + "; ".join(cells))
     top = max(sizes)
-    plan = max(results[("new", top, s)]["plan_s"] for s in ("tile", "shard"))
-    per_tile = max(results[("new", top, s)]["private_b"] for s in ("tile", "shard"))
-    for n in old_sizes:
-        if n in sizes:
-            for s in ("tile", "shard"):
-                o, w = results[("old", n, s)], results[("new", n, s)]
-                print(f"at {n:.0e} {s}: private bytes/tile {o['private_b']:.0f} -> "
-                      f"{w['private_b']:.1f} ({o['private_b'] / max(w['private_b'], 1e-9):.0f}x "
-                      f"less), open {o['open_s']:.2f} -> {w['open_s']:.2f} s, plan "
-                      f"{o['plan_s']:.2f} -> {w['plan_s']:.3f} s")  # fmt: skip
-    print(
-        f"scale: {per_tile:.1f} bytes/tile, plan {plan:.2f} s at {top:.0e}, "
-        f"ingest slide 10000/1 = {ratio:.2f}"
+    default = max(results[top][("new", "default", s)]["private_b"] for s in ("tile", "shard"))
+    plan = max(results[top][("new", "default", s)]["plan_s"] for s in ("tile", "shard"))
+    index = results[top][("new", "index")]
+    weighted = results[top][("new", "weights_025", "tile")]
+    opens = results[top][("new", "opens", "shard", 65536)]
+    ratio = ingest["new"]["late_s"] / ingest["new"]["first_s"]
+    _say(
+        f"scale: {default:.1f} bytes/tile, plan {plan:.2f} s at {top:.0e}, ingest slide "
+        f"10000/1 = {ratio:.2f}; at {top:.0e}: µm index build {index['build_cpu_s']:.1f} CPU s, "
+        f"worker {index['worker_private_b']:.2f} B/tile; weighted plan set-up "
+        f"{weighted['setup_cpu_s']:.2f} + {weighted['plan_cpu_s']:.3f} CPU s, "
+        f"{weighted['private_b']:.2f} B/tile; shard mode {opens['opens_per_tile']:.4f} opens/tile"
     )
 
 

@@ -109,3 +109,35 @@ def write_multi_mpp_store(path: Path, n: int, n_slides: int = 10_000, shards: bo
             target = path / layout.shard_key(shard)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(template, target)
+
+
+# -- format 1, for the before figures of the code before issue 10 ------------------------------
+def _records(sizes: np.ndarray) -> list[dict]:
+    rows = np.concatenate([[0], np.cumsum(-(-sizes // SHARD) * SHARD)[:-1]])
+    pairs = enumerate(zip(sizes.tolist(), rows.tolist(), strict=True))
+    return [{"source": f"s{k}.svs", "slide_id": f"s{k}", "sha256": f"{k:064x}", "bytes": 1,
+             "vendor": "aperio", "width": 1, "height": 1, "mpp": 0.25, "status": "ok",
+             "reason": "", "n_tiles": int(n), "row_start": int(r), "slide_index": k}
+            for k, (n, r) in pairs]  # fmt: skip
+
+
+def write_format1_store(path: Path, n: int, n_slides: int = 10_000) -> None:
+    """A format-1 store's table (one merged npz segment) of n tiles, as the old writer leaves."""
+    (path / "tables").mkdir(parents=True, exist_ok=True)
+    attrs = {"scratchpath_format_version": 1, "tile_size": TILE, "codec": "jpeg:90",
+             "shard_size": SHARD, "class_names": []}  # fmt: skip
+    (path / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs})
+    )
+    (path / "tables" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group"}))
+    sizes = slide_sizes(n, n_slides)
+    records = _records(sizes)
+    slide = np.repeat(np.arange(n_slides, dtype=np.int64), sizes)
+    rows = np.concatenate([np.arange(r["row_start"], r["row_start"] + r["n_tiles"])
+                           for r in records])  # fmt: skip
+    arrays = {"slide_index": slide, "x": np.arange(n) % 50_000 * TILE, "y": np.zeros(n, np.int64),
+              "level": np.zeros(n, np.int64), "mpp": np.full(n, 0.5),
+              "tissue_fraction": np.random.default_rng(0).random(n, np.float32),
+              "label": np.full(n, -1, np.int64), "group": np.full(n, "", "<U1"), "row": rows,
+              "slides_json": np.array(json.dumps(records, sort_keys=True))}  # fmt: skip
+    np.savez(path / "tables" / f"seg-{0:010d}-{n_slides:010d}.npz", **arrays)

@@ -183,14 +183,36 @@ def test_shard_mode_without_buffer_reads_shard_after_shard(store: PatchStore) ->
     assert np.array_equal(np.sort(order), np.arange(N_TILES))
 
 
-def test_shard_mode_buffer_mixes_within_the_buffer_only(store: PatchStore) -> None:
+def _windows(sampler: DistributedBatchSampler, epoch: int) -> list[slice]:
+    starts = sampler.plan(epoch)._order.window_start  # the shard stream's shuffle windows
+    return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def test_shard_mode_buffer_mixes_whole_shards_within_a_window(store: PatchStore) -> None:
     sampler = _sampler(store, shuffle="shard", shuffle_buffer=16)
     unbuffered = _sampler(store, shuffle="shard", shuffle_buffer=1).epoch_order(0)
     order = sampler.epoch_order(0)
-    for start in range(0, N_TILES, 16):  # same shard sequence, permuted inside each block
-        block = slice(start, start + 16)
-        assert sorted(order[block]) == sorted(unbuffered[block])
+    shards = store.chunk_ids
+    windows = _windows(sampler, 0)
+    assert len(windows) > 1
+    for window in windows:  # same shard sequence, permuted inside each window
+        assert sorted(order[window]) == sorted(unbuffered[window])
+        assert 8 <= window.stop - window.start <= 32  # about the 16-tile buffer
+    for a, b in zip(windows[:-1], windows[1:], strict=True):  # windows hold whole shards
+        assert not set(shards[order[a]]) & set(shards[order[b]])
     assert not np.array_equal(order, unbuffered)
+
+
+def test_shard_mode_windows_never_hold_more_shards_than_a_reader_keeps_open(
+    store: PatchStore, monkeypatch
+) -> None:
+    from scratchpath.data.sampling import order as order_module
+
+    monkeypatch.setattr(order_module, "WINDOW_SHARDS", 3)
+    sampler = _sampler(store, shuffle="shard", shuffle_buffer=10**6)  # asks for everything
+    order = sampler.epoch_order(0)
+    for window in _windows(sampler, 0):
+        assert len(np.unique(store.chunk_ids[order[window]])) <= 3
 
 
 def test_max_tiles_per_slide_caps_slides_with_a_new_subset_each_epoch(store: PatchStore) -> None:
