@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import pickle
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def test_shard_mode_without_buffer_reads_shard_after_shard(store: PatchStore) ->
 
 def _windows(sampler: DistributedBatchSampler, epoch: int) -> list[slice]:
     starts = sampler.plan(epoch)._order.window_start  # the shard stream's shuffle windows
-    return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(starts)]
 
 
 def test_shard_mode_buffer_mixes_whole_shards_within_a_window(store: PatchStore) -> None:
@@ -198,7 +199,7 @@ def test_shard_mode_buffer_mixes_whole_shards_within_a_window(store: PatchStore)
     for window in windows:  # same shard sequence, permuted inside each window
         assert sorted(order[window]) == sorted(unbuffered[window])
         assert 8 <= window.stop - window.start <= 32  # about the 16-tile buffer
-    for a, b in zip(windows[:-1], windows[1:], strict=True):  # windows hold whole shards
+    for a, b in itertools.pairwise(windows):  # windows hold whole shards
         assert not set(shards[order[a]]) & set(shards[order[b]])
     assert not np.array_equal(order, unbuffered)
 
