@@ -28,7 +28,8 @@ Figures, per size:
 - **many stores**: 10^3 stores opened as one (the merged table, cached once); **ingest
   bookkeeping**: commit + run record of slide 10,001 against slide 1.
 
-Usage: ``python benchmarks/bench_scale.py [--sizes 1e7,1e8] [--old-sizes 1e7] [--stores 1000]``
+Usage: ``python benchmarks/bench_scale.py [--sizes 1e7,1e8] [--old-sizes 1e7] [--slides 10000]
+[--stores 1000]``
 (the old code is run at ``--old-sizes`` only: its µm index takes ~10 GB at 10^8; its 10^8
 figures are extrapolated x10 where the cost is O(tiles)). The 10^8 store is 3.6 GB on disk.
 Last line: ``scale: ... at 1e8: µm index build B s, worker W B/tile; weighted plan ...``.
@@ -78,25 +79,28 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def measure_size(n: int, tmp: Path, srcs: dict[str, Path], old: bool, verify: bool) -> dict:
+def measure_size(
+    n: int, tmp: Path, srcs: dict[str, Path], old: bool, verify: bool, n_slides: int
+) -> dict:
     """Every figure at one size (new code; the baselines too when ``old``)."""
     new = srcs["new"]
     out: dict = {}
     path = tmp / f"store-{n}.zarr"
     t = time.perf_counter()
-    scale_tables.write_multi_mpp_store(path, n, N_SLIDES, shards=True)
-    _say(f"-- {n:.0e} tiles, {N_SLIDES} slides: store written in {time.perf_counter() - t:.0f} s")
+    scale_tables.write_multi_mpp_store(path, n, n_slides, shards=True)
+    _say(f"-- {n:.0e} tiles, {n_slides} slides: store written in {time.perf_counter() - t:.0f} s")
     codes = [("new", new)] + ([("old", srcs["format1"])] if old else [])
     for code, src in codes:
         table = path
         if code == "old":
             table = tmp / f"format1-{n}.zarr"
-            scale_tables.write_format1_store(table, n, N_SLIDES)
+            scale_tables.write_format1_store(table, n, n_slides)
         for shuffle in ("tile", "shard"):
             r = _child("child_table", str(table), n, shuffle, src=src)
             out[(code, "default", shuffle)] = r
             _say(f"{code} default path {shuffle:>5}: open {r['open_s']:.2f} s, reopen "
-                 f"{r['reopen_s']:.2f} s, private {r['private_b']:.2f} B/tile, rss "
+                 f"{r['reopen_s']:.2f} s, sampler set-up {r['setup_cpu_s']:.2f} CPU s, "
+                 f"private {r['private_b']:.2f} B/tile, rss "
                  f"{r['rss_b']:.1f} B/tile, plan {r['plan_s']:.3f} s, then "
                  f"{r['batch_ms']:.3f} ms/batch")  # fmt: skip
         if code == "old":
@@ -151,6 +155,7 @@ def main() -> None:
     parser.add_argument("--old-sizes", default="1e7")
     parser.add_argument("--verify-sizes", default="1e7")
     parser.add_argument("--tmp", default=tempfile.gettempdir())
+    parser.add_argument("--slides", type=int, default=N_SLIDES, help="slides per store")
     parser.add_argument("--stores", type=int, default=1000, help="shard stores opened as one")
     parser.add_argument("--stores-tiles", type=int, default=10_000_000, help="their tiles in all")
     args = parser.parse_args()
@@ -166,7 +171,7 @@ def main() -> None:
                 "format1": _baseline(FORMAT1_BASELINE, tmp / "format1")}  # fmt: skip
         for n in sorted(set(sizes) | set(old_sizes)):
             verify = n in sizes_of(args.verify_sizes)
-            results[n] = measure_size(n, tmp, srcs, old=n in old_sizes, verify=verify)
+            results[n] = measure_size(n, tmp, srcs, n in old_sizes, verify, args.slides)
         if args.stores:
             many = tmp / "many"
             per_store = args.stores_tiles // args.stores

@@ -5,9 +5,10 @@ way ``scratchpath ingest --mpp 0.25 0.5 1 2`` lays one out: each slide's tiles a
 and 2 µm/px (48:12:3:1, i.e. the same tissue area at each), each magnification on its own
 row-major grid with level-0 corners, a random tissue fraction per tile, 1024-tile shards with a
 slide starting a fresh one, real per-slide table digests and tile checksums. With
-``shards=True`` every shard file exists: hard links to one template shard of 1024 16-byte
-tiles (so 10^5 shard files cost 10^5 links, not 1.7 GB), which the reader opens, indexes and
-reads like any other; the tiles do not decode (the benchmarks read bytes, not pixels).
+``shards=True`` every shard file exists: hard links to a template shard of 1024 16-byte tiles
+(one template per 50,000 links), so 10^5 shard files cost 10^5 links, not 1.7 GB; the reader
+opens, indexes and reads them like any other; the tiles do not decode (the benchmarks read
+bytes, not pixels).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ TILE = 224
 MPPS = (0.25, 0.5, 1.0, 2.0)
 SHARES = np.array([48, 12, 3, 1]) / 64  # tiles per magnification: the same area at each
 BLOB = b"scratchpath-tile"  # 16 bytes: every synthetic tile's stored bytes
+LINKS_PER_FILE = 50_000  # ext4 allows 65,000 hard links to one file
 
 
 def slide_sizes(n: int, n_slides: int) -> np.ndarray:
@@ -102,10 +104,12 @@ def write_multi_mpp_store(path: Path, n: int, n_slides: int = 10_000, shards: bo
         f.close()
     (path / "tables" / tbl.SLIDES_FILE).write_text("".join(lines))
     if shards:
-        template = path / "tiles" / "template.shard"
-        template.parent.mkdir(parents=True, exist_ok=True)
-        template.write_bytes(layout.build_shard([BLOB] * SHARD, 0, SHARD))
+        data = layout.build_shard([BLOB] * SHARD, 0, SHARD)
         for shard in range(row_start // SHARD):
+            template = path / "tiles" / f"template-{shard // LINKS_PER_FILE}.shard"
+            if shard % LINKS_PER_FILE == 0:
+                template.parent.mkdir(parents=True, exist_ok=True)
+                template.write_bytes(data)
             target = path / layout.shard_key(shard)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(template, target)

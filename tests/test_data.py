@@ -533,3 +533,15 @@ def test_device_augmentation_is_seeded_per_batch(store_path: Path) -> None:
     # The same pixels arriving as another batch (another first tile) get other augmentations.
     as_other_batch = _transfer(dm, {**batch, "index": batch["index"].roll(1)})
     assert not torch.equal(as_other_batch[0], once[0])
+
+
+def test_a_tile_mode_checkpoint_of_the_old_buffer_default_resumes_exactly(store_path) -> None:
+    import warnings
+
+    dm = _datamodule(store_path)
+    sampler = dm.make_sampler(0, 1)
+    saved = {**dm._plan_key(1), "shuffle_buffer": 4096}  # written when 4096 was the default
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the sampling plan changed" warning
+        dm._apply_resume(sampler, {"epoch": 1, "batches_consumed": 2, "plan": saved})
+    np.testing.assert_array_equal(np.stack([r.indices for r in sampler]), sampler.batches(1)[2:])

@@ -158,8 +158,8 @@ class PatchDataModule(L.LightningDataModule):
             disks) or ``"shard"`` (shards in random order through a shuffle buffer: each shard
             file opened once per buffer, for parallel and network file systems and object
             stores; fewer slides per batch); see :mod:`scratchpath.data.sampling`.
-        shuffle_buffer: tiles mixed together in ``"shard"`` mode (65,536: 64 shards of 1,024
-            tiles per batch's window).
+        shuffle_buffer: tiles per shuffle window in ``"shard"`` mode (a window never holds
+            more than 64 shard files: 65,536 is 64 full shards of 1,024 tiles).
         max_tiles_per_slide: at most this many tiles per slide per epoch, a fresh random subset
             each epoch (None: every tile every epoch).
         min_tissue: skip tiles whose recorded tissue fraction is below this.
@@ -420,7 +420,12 @@ class PatchDataModule(L.LightningDataModule):
     def _apply_resume(self, sampler: DistributedBatchSampler, state: dict[str, Any]) -> None:
         epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
         saved_plan = state.get("plan", {})
-        if saved_plan != self._plan_key(sampler.num_replicas):
+        current = self._plan_key(sampler.num_replicas)
+        if current.get("shuffle") == "tile":  # the buffer plays no part in tile order (and its
+            # default changed from 4096 to 65536: older tile-mode checkpoints still match)
+            saved_plan = {k: v for k, v in saved_plan.items() if k != "shuffle_buffer"}
+            current.pop("shuffle_buffer")
+        if saved_plan != current:
             # Another plan (world size, batch size, data, ...): skip as many tiles as were seen.
             old_step = saved_plan.get("world_size", 1) * saved_plan.get("batch_size", 1)
             consumed = round(consumed * old_step / (sampler.num_replicas * sampler.batch_size))

@@ -26,15 +26,13 @@ O(slides + shards) memory per rank whatever the options (no per-tile array: see
      visit randomly ordered blocks of ~4096 tiles, a fresh block order per row, each block in
      its own random affine order).
    - ``"shard"``: the epoch's shards (units) are visited in a random order, each read in one
-     go, and that stream is mixed by a shuffle buffer of ``shuffle_buffer`` tiles (block
-     shuffle: each block a uniform permutation from its own seed). A batch then holds tiles of
-     about ``shuffle_buffer / tiles_per_shard + 1`` shards, so a reader opens each shard file
-     once per buffer: ~``workers / tiles_per_shard`` opens per tile (0.004 with 4 workers and
-     1024-tile shards) instead of ~1, at the price of fewer slides per batch (measured by
-     ``benchmarks/bench_scale.py``: 10^4 slides, batch 256: ~63 slides per batch with the
-     default 65,536-tile buffer against ~253 for ``"tile"``). Keep ``shuffle_buffer /
-     tiles_per_shard`` below the 128 shard files a reader keeps open. The cluster recipes use
-     it; use ``"tile"`` when the store sits on local disk.
+     go, and that stream is shuffled in windows of whole shards: about ``shuffle_buffer``
+     tiles, never more than 64 shard files (half of the 128 a reader keeps open), each window
+     a uniform permutation from its own seed. A reader then opens each shard file once per
+     window: measured by ``benchmarks/bench_scale.py`` at 10^5 shard files with 4 workers,
+     0.0067 opens per tile against 1.84 for ``"tile"``, at the price of fewer slides per batch
+     (63 per batch of 256 with the default 65,536-tile windows, against 254; 4 with 4,096).
+     The cluster recipes use it; use ``"tile"`` when the store sits on local disk.
 4. **split** — the epoch order is cut into ``world_size`` contiguous parts of
    ``n_batches * batch_size`` tiles (contiguous keeps shard locality per rank). With
    ``drop_last=True`` the at most ``world_size * batch_size - 1`` leftover tiles are skipped (a
