@@ -96,9 +96,10 @@ def child_sampler(path: str, n: int, mode: str, shuffle: str) -> dict:
     next(iter(sampler))
     plan = clock.lap()
     it = iter(sampler)
-    for _ in range(50):
-        next(it)
-    per_batch = clock.lap()[0] / 50
+    batches = max(1, min(50, len(sampler)))  # a tight cap on few slides leaves few batches
+    for _ in range(batches):
+        next(it, None)
+    per_batch = clock.lap()[0] / batches
     private = (_memory()["Anonymous"] - before) / n
     del sampler, it
     gc.collect()
