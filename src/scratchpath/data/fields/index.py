@@ -156,6 +156,11 @@ class MagnificationIndex:
         ]))  # fmt: skip
         if not np.isfinite(mpps).all() or (mpps <= 0).any():
             raise ScratchpathError("data.fields: every tile needs a known, positive µm/px")
+        if len(self._slide_mpp) * len(mpps) >= 1 << (63 - 2 * _CELL_BITS):
+            raise ScratchpathError(
+                f"data.fields: {len(self._slide_mpp)} slides x {len(mpps)} magnifications do "
+                "not fit the index keys (at most ~1.3e8)"
+            )
         step = np.zeros((len(self._slide_mpp), len(mpps)))
         return mpps, step, self._chunks(starts, mpps, step)
 
