@@ -514,6 +514,7 @@ class PreemptionCheckpoint(L.Callback):
             else None
         )
         self._launcher = getattr(trainer.strategy, "launcher", None)
+        self._flag = CrossRankCheck(self.check_every_n_steps, host_value=True)  # this run's
         for name in self.signals:
             signum = getattr(signal, name)
             if signum == slurm_requeue:

@@ -202,6 +202,8 @@ class SSLObjective(L.LightningModule):
         elif self.hparams.warmup_epochs > 0:
             raise ScratchpathError("warmup_epochs: the training loader has no length, use 0")
         self.total_steps = int(total)
+        # this run's process group: nothing left in flight from an earlier fit of this module
+        self._nonfinite_check = CrossRankCheck(self.hparams.nonfinite_check_every)
         # seed_everything's seed (the recipe's seed_everything), the root of every step's stream.
         self._run_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
 
