@@ -9,10 +9,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "scratchpath"
 
-# module -> the scratchpath modules it may import (besides itself, `errors` and `files`)
+# module -> the scratchpath modules it may import (besides itself, `errors`, `files` and
+# `distributed`, which every module may import)
+EVERYWHERE = {"errors", "files", "distributed"}
 ALLOWED = {
     "errors": set(),
     "files": set(),
+    "distributed": set(),
     "slides": set(),
     "tissue": {"slides"},
     "store": set(),
@@ -56,10 +59,16 @@ def test_every_layered_module_is_checked():
     assert {_top_level_module(p) for p in SOURCES} == set(ALLOWED)
 
 
+def test_modules_every_layer_may_import_import_none_of_ours():
+    for module in EVERYWHERE:
+        path = PACKAGE / f"{module}.py"
+        assert not _imported_modules(path) - {module}, f"{module}.py imports scratchpath modules"
+
+
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_module_imports_only_lower_layers(path: Path):
     module = _top_level_module(path)
-    forbidden = _imported_modules(path) - ALLOWED[module] - {module, "errors", "files"}
+    forbidden = _imported_modules(path) - ALLOWED[module] - {module} - EVERYWHERE
     assert not forbidden, f"{path.relative_to(PACKAGE)} imports higher layers: {sorted(forbidden)}"
 
 

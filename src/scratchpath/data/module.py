@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from scratchpath.data.fields import FieldsOfView, FieldViewBatches, crop_fields
 from scratchpath.data.sampling import BatchRequest, DistributedBatchSampler, sample_seed
+from scratchpath.distributed import rank_and_world_size
 from scratchpath.errors import ScratchpathError
 from scratchpath.store import PatchStore
 from scratchpath.views import ViewGenerator
@@ -227,14 +228,6 @@ class PatchDataModule(L.LightningDataModule):
         if len(self.store) == 0:
             raise ScratchpathError(f"stores: {', '.join(self.stores)} hold no tiles")
 
-    def rank_and_world_size(self) -> tuple[int, int]:
-        """From the trainer when attached, else from torch.distributed, else (0, 1)."""
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
     def make_sampler(self, rank: int, world_size: int) -> DistributedBatchSampler:
         """The batch plan of one rank (also handy to inspect what a rank will read)."""
         hp = self.hparams
@@ -253,7 +246,7 @@ class PatchDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        rank, world_size = self.rank_and_world_size()
+        rank, world_size = rank_and_world_size()  # the trainer's process group, if any
         sampler = self.make_sampler(rank, world_size)
         if len(sampler) == 0:
             raise ScratchpathError(

@@ -30,6 +30,7 @@ from timm.models import checkpoint_seq
 from torch import nn
 
 from scratchpath.backbones import feature_dim
+from scratchpath.distributed import to_device
 from scratchpath.errors import ScratchpathError
 from scratchpath.objectives.collectives import (
     all_reduce_max,
@@ -117,9 +118,9 @@ class PatchMasks:
         index[: len(flat)] = flat
         weight[: len(flat)] = 1.0 / counts[flat // masks.shape[1]]
         return cls(
-            torch.from_numpy(masks).to(device, non_blocking=True),
-            torch.from_numpy(index).to(device, non_blocking=True),
-            torch.from_numpy(weight).to(device, non_blocking=True),
+            to_device(masks, torch.bool, device),  # pinned, non-blocking: no pageable copy
+            to_device(index, torch.int64, device),
+            to_device(weight, torch.float32, device),
         )
 
 
