@@ -35,8 +35,13 @@ def forward_runs(
         try:
             outputs.append(forward(run))
         except AssertionError as error:
-            raise ScratchpathError(
-                f"backbone_kwargs: {tuple(run.shape[-2:])} crops do not fit the backbone "
-                f"({error}); give ViTs dynamic_img_size: true for multi-crop"
-            ) from None
+            raise size_rejected(run, error) from None
     return outputs
+
+
+def size_rejected(crops: torch.Tensor, error: AssertionError) -> ScratchpathError:
+    """The error for crops a fixed-size ViT rejects (timm's ``PatchEmbed`` asserts its size)."""
+    return ScratchpathError(
+        f"backbone_kwargs: {tuple(crops.shape[-2:])} crops do not fit the backbone "
+        f"({error}); give ViTs dynamic_img_size: true for multi-crop"
+    )

@@ -36,7 +36,7 @@ from scratchpath.objectives.collectives import (
     all_reduce_sum,
     rank_and_world_size,
 )
-from scratchpath.objectives.crops import forward_runs
+from scratchpath.objectives.crops import forward_runs, size_rejected
 from scratchpath.objectives.dino import (
     DINO,
     DINOHead,
@@ -481,10 +481,7 @@ def vit_tokens(
     try:
         x = vit.patch_embed(images)  # (B, L, D), or (B, h, w, D) with dynamic_img_size
     except AssertionError as error:  # timm's PatchEmbed rejects an unexpected input size
-        raise ScratchpathError(
-            f"backbone_kwargs: {tuple(images.shape[-2:])} crops do not fit the backbone "
-            f"({error}); give ViTs dynamic_img_size: true for multi-crop"
-        ) from None
+        raise size_rejected(images, error) from None
     if mask is not None:
         x = torch.where(mask.view(*x.shape[:-1], 1), mask_token.to(x.dtype), x)
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
