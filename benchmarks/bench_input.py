@@ -106,10 +106,10 @@ def worker_core_ms(dataset: ViewBatches, batches: list[np.ndarray], rounds: int 
 def device_side_core_ms(store: PatchStore, views, batch: np.ndarray, device: str) -> float:
     """ms per tile of decode + device views where they run (CPU: core-ms; CUDA: wall ms)."""
     encoded = EncodedTiles.from_blobs(store.read_encoded_batch(batch))
-    generator = torch.Generator(device=device).manual_seed(0)
+    params = ViewBatches(store, views, seed=0).view_params(0, batch).to(device)  # the worker's
 
     def once() -> None:
-        views.device_views(encoded.decode(device), generator)
+        views.device_views(encoded.decode(device), params)
 
     once()
     if device == "cuda":
@@ -212,8 +212,8 @@ def train_rate(name: str, store_path: Path, resident: bool, steps: int = 30) -> 
         dm.setup("fit")
         dm.views.resolve_device_augment("cuda")  # as the GPU trainer would
         host = next(iter(dm.train_dataloader()))
-        dm._device_seed = 0
-        batch = dm.on_after_batch_transfer({**host, "index": host["index"].cuda()}, 0)
+        moved = {k: host[k].cuda() for k in ("index", "view_params") if k in host}
+        batch = dm.on_after_batch_transfer({**host, **moved}, 0)
         batch = {
             k: (v.cuda() if isinstance(v, torch.Tensor) else [x.cuda() for x in v])
             for k, v in batch.items()
@@ -234,7 +234,7 @@ def step_flops(name: str) -> float:
     views = instantiate_views(config["data"]["views"], where=name)
     batch = int(config["data"]["batch_size"])
     tiles = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device="cuda")
-    crops = views.device_views(tiles, torch.Generator(device="cuda").manual_seed(0))
+    crops = views.device_views(tiles)  # parameters drawn on the host: not timed here
     with FlopCounterMode(display=False) as counter, torch.autocast("cuda", torch.bfloat16):
         model.compute_loss(crops).backward()
     return float(counter.get_total_flops())

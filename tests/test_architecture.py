@@ -86,3 +86,35 @@ def test_only_objectives_collectives_talks_to_torch_distributed(path: Path):
             imports.update(alias.name for alias in node.names)
     distributed = {name for name in imports if name.startswith("torch.distributed")}
     assert path.name == "collectives.py" or not distributed, f"{path.name}: {sorted(distributed)}"
+
+
+# Calls that draw random numbers. The views' random parameters are drawn in views/params.py
+# alone (both view paths use that draw); augment/transforms.py keeps the albumentations
+# transforms' own draws (user-facing building blocks, not a view path).
+RANDOM_DRAWS = {"random", "uniform", "integers", "normal", "choice", "permutation", "shuffle",
+                "rand", "randn", "randint", "randperm", "bernoulli", "multinomial"}  # fmt: skip
+DRAWING_MODULES = {"views/params.py", "augment/transforms.py"}
+VIEW_SOURCES = sorted(
+    p for p in PACKAGE.rglob("*.py") if _top_level_module(p) in ("augment", "views")
+)
+
+
+def _random_draws(path: Path) -> list[str]:
+    return [
+        node.func.attr
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in RANDOM_DRAWS
+    ]
+
+
+@pytest.mark.parametrize("path", VIEW_SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_view_augmentations_draw_random_numbers_in_one_place(path: Path):
+    name = str(path.relative_to(PACKAGE))
+    assert name in DRAWING_MODULES or not _random_draws(path), f"{name}: {_random_draws(path)}"
+
+
+def test_the_random_draw_check_sees_draws():
+    assert _random_draws(PACKAGE / "views" / "params.py") == ["random"]
+    assert "uniform" in _random_draws(PACKAGE / "augment" / "transforms.py")

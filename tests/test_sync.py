@@ -114,8 +114,10 @@ VIEW_KINDS = {
 def test_device_views_do_not_sync(kind, tiles_dir):
     views = VIEW_KINDS[kind]()
     tiles = _tiles(tiles_dir)
+    rngs = [np.random.default_rng(i) for i in range(len(tiles))]  # the worker's draw
+    params = torch.from_numpy(views.draw_params(rngs, tuple(tiles.shape[2:])))
     with SyncCounter() as counter:
-        out = views.device_views(tiles, torch.Generator().manual_seed(0))
+        out = views.device_views(tiles, params)
         views.on_device([torch.zeros(4, 3, 8, 8, dtype=torch.uint8)] * views.n_views)
     assert len(out) == views.n_views
     assert dict(counter.syncs) == {}
@@ -127,8 +129,10 @@ def test_batch_transfer_with_jpeg_decode_does_not_sync(tiles_dir, tmp_path):
     tiles = _tiles(tiles_dir).permute(0, 2, 3, 1).numpy()
     blobs = [bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(t), level=90)) for t in tiles]
     dm = PatchDataModule(stores=["unused"], views=MultiCrop(32, 16, device_augment=True))
-    dm._device_seed = 5  # what on_before_batch_transfer derives on the host
-    batch = {"encoded": EncodedTiles.from_blobs(blobs), "index": torch.arange(len(blobs))}
+    rngs = [np.random.default_rng(i) for i in range(len(blobs))]  # the worker's draw
+    params = torch.from_numpy(dm.views.draw_params(rngs, tiles.shape[1:3]))
+    batch = {"encoded": EncodedTiles.from_blobs(blobs), "index": torch.arange(len(blobs)),
+             "view_params": params}  # fmt: skip
     with SyncCounter() as counter:
         out = dm.on_after_batch_transfer(batch, 0)
     assert len(out["views"]) == 8 and dict(counter.syncs) == {}

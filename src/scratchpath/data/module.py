@@ -4,18 +4,20 @@ The pipeline per rank::
 
     DistributedBatchSampler (main process)  -- plans the epoch, yields BatchRequest(epoch, indices)
       -> DataLoader(batch_size=None) workers -- ViewBatches: one store read per batch, then
-      -> a host batch, pinned (uint8 and the int64 indices only), by the path of the views:
+      -> a host batch, pinned (uint8, the int64 indices, float32 view parameters), by path:
            CPU path:          {"views": [uint8 (B, 3, h, w)] * n_views}  views made per tile,
-                              seeded by (seed, epoch, tile)
+                              at parameters drawn from (seed, epoch, tile)
            device path, JPEG: {"encoded": EncodedTiles}  the tiles' JPEG bytes, not decoded
            device path, lossless codecs: {"tiles": uint8 (B, H, W, 3)}  decoded in the worker
+           device path, both: {"view_params": float32 (V, B, 17)}  the same per-tile draw
       -> on_after_batch_transfer             -- on the device: decode the JPEG bytes batched
                                                 (torchvision.io.decode_jpeg, nvJPEG on CUDA),
                                                 views.device_views (device path) or
                                                 views.on_device (CPU path) -> float32 views
 
 The device path (``views.device_augment``; ``None`` = on CUDA) leaves the workers reading bytes
-only: ``benchmarks/bench_input.py`` measures the CPU core-ms per tile of both paths.
+and drawing the views' parameters only: ``benchmarks/bench_input.py`` measures the CPU core-ms
+per tile of both paths.
 
 Reading a whole batch with one ``store.read`` gives 1.3x the tiles/s of per-tile reads
 (``benchmarks/bench_loader.py``). The sampling plan (shuffle modes, slide balance, tissue
@@ -98,28 +100,40 @@ def limit_worker_threads(worker_id: int) -> None:
 
 class ViewBatches(Dataset):
     """Maps a :class:`BatchRequest` to its host batch: one store read, then, by the views' path,
-    seeded CPU views per tile, the tiles themselves or (JPEG stores) their encoded bytes.
+    seeded CPU views per tile, or the tiles themselves (JPEG stores: their encoded bytes) with
+    the views' parameters; with µm ``fields``, :class:`FieldViewBatches`' views (plus the
+    parameters of the device path's D4 and colour).
 
-    The seed of a tile's CPU views depends only on (seed, epoch, tile index), so batches are the
-    same whatever the number of workers, ranks or the batch a tile lands in. Each DataLoader
+    The seed of a tile's views depends only on (seed, epoch, tile index), on both paths, so
+    batches are the same whatever the number of workers, ranks or the batch a tile lands in,
+    and both paths draw the same parameters for a tile. Each DataLoader
     worker reads through its own file handles: a spawned worker gets the store pickled by path
     and reopens it, a forked one has the store drop the parent's handles on first use.
     """
 
-    def __init__(self, store: PatchStore, views: ViewGenerator, seed: int) -> None:
+    def __init__(
+        self, store: PatchStore, views: ViewGenerator, seed: int, fields: FieldsOfView | None = None
+    ) -> None:
         self.store = store
         self.views = views
         self.seed = seed
+        self.fields = None if fields is None else FieldViewBatches(store, fields, seed)
 
     def __getitem__(self, request: BatchRequest) -> dict[str, Any]:
         epoch, indices = request
         self.views.set_epoch(epoch)  # progressive resizing: the epoch picks the view size
         index = torch.as_tensor(indices, dtype=torch.int64)  # (B,)
-        if self.views.device_augment:
+        if self.fields is not None:  # µm fields cut the views; the device path adds D4, colour
+            batch = self.fields[request]
+            if self.views.device_augment:
+                batch["view_params"] = self.view_params(epoch, indices)
+            return batch
+        if self.views.device_augment:  # the tiles (or their bytes) and the views' parameters
+            batch = {"view_params": self.view_params(epoch, indices), "index": index}
             if str(self.store.codec).startswith("jpeg"):
                 blobs = self.store.read_encoded_batch(indices)
-                return {"encoded": EncodedTiles.from_blobs(blobs), "index": index}
-            return {"tiles": torch.from_numpy(self.store.read(indices)), "index": index}
+                return {**batch, "encoded": EncodedTiles.from_blobs(blobs)}
+            return {**batch, "tiles": torch.from_numpy(self.store.read(indices))}
         tiles = self.store.read(indices)  # (B, H, W, 3) uint8
         per_view: list[list[torch.Tensor]] = [[] for _ in range(self.views.n_views)]
         for tile, tile_index in zip(tiles, indices, strict=True):
@@ -127,6 +141,14 @@ class ViewBatches(Dataset):
             for slot, view in zip(per_view, self.views(tile), strict=True):
                 slot.append(view)
         return {"views": [torch.stack(views) for views in per_view], "index": index}
+
+    def view_params(self, epoch: int, indices: np.ndarray) -> torch.Tensor:
+        """The device path's view parameters of a batch, (V, B, N_PARAMS) float32: the draw the
+        CPU path makes per tile, from the same per-tile seeds (so both paths make the same
+        views of a tile); pinned with the batch, it reaches the device without a sync."""
+        rngs = [np.random.default_rng(sample_seed(self.seed, epoch, int(i))) for i in indices]
+        side = self.store.tile_size
+        return torch.from_numpy(self.views.draw_params(rngs, (side, side)))
 
 
 class _ResumableLoader(DataLoader):
@@ -214,7 +236,6 @@ class PatchDataModule(L.LightningDataModule):
         self._store: PatchStore | None = None
         self._sampler: DistributedBatchSampler | None = None
         self._resume_state: dict[str, Any] | None = None
-        self._device_seed: int | None = None
 
     @property
     def store(self) -> PatchStore:
@@ -270,12 +291,7 @@ class PatchDataModule(L.LightningDataModule):
             # limit_worker_threads). The training process does no OpenCV work once workers
             # make the views, so one thread costs it nothing.
             cv2.setNumThreads(1)
-        seed = self.hparams.seed
-        dataset = (
-            ViewBatches(self.store, self.views, seed)
-            if self.fields is None
-            else FieldViewBatches(self.store, self.fields, seed)
-        )
+        dataset = ViewBatches(self.store, self.views, self.hparams.seed, self.fields)
         return _ResumableLoader(
             dataset,
             sampler=sampler,
@@ -297,24 +313,13 @@ class PatchDataModule(L.LightningDataModule):
         """The trainer's epoch (0 before a trainer is attached, e.g. in tests and tools)."""
         return self.trainer.current_epoch if self.trainer is not None else 0
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Derive the batch's device-augmentation seed on the host (no device sync needed)."""
-        self._device_seed = None
-        if isinstance(batch, dict) and len(batch.get("index", ())):
-            epoch = self._epoch()
-            first = int(
-                batch["index"].numpy()[0]
-            )  # tiles are disjoint across ranks: so are the seeds
-            self._device_seed = sample_seed(self.hparams.seed, epoch, first, stream=1)
-        return batch
-
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """The host batch on the device -> ``{"views": float32 normalised views, "index"}``.
 
         Device path: JPEG bytes are decoded here (one batched ``decode_jpeg``, nvJPEG on CUDA)
-        and ``views.device_views`` builds every view, its random stream seeded per batch by
-        (seed, epoch, first tile): reproducible, different on every rank (ranks read disjoint
-        tiles) and exactly resumed, like the CPU views. No step of it waits for the device.
+        and ``views.device_views`` builds every view at the parameters the worker drew per tile
+        from (seed, epoch, tile), as for the CPU views: reproducible, different on every rank
+        (ranks read disjoint tiles) and exactly resumed. No step of it waits for the device.
         """
         if not isinstance(batch, dict):
             return batch
@@ -328,15 +333,13 @@ class PatchDataModule(L.LightningDataModule):
                 tiles = batch.pop("encoded").decode(device)  # (B, 3, H, W) uint8
             else:
                 tiles = batch.pop("tiles").permute(0, 3, 1, 2)
-            generator = torch.Generator(device=device)
-            generator.manual_seed(self._device_seed if self._device_seed is not None else 0)
             self.views.set_epoch(self._epoch())
-            return {**batch, "views": self.views.device_views(tiles, generator=generator)}
+            params = batch.pop("view_params", None)
+            return {**batch, "views": self.views.device_views(tiles, params)}
         if "views" in batch and self.fields is not None and self.views.device_augment:
             # µm fields are already cropped: the device path adds D4 and colour to them.
-            generator = torch.Generator(device=batch["views"][0].device)
-            generator.manual_seed(self._device_seed if self._device_seed is not None else 0)
-            return {**batch, "views": self.views.augment_views(batch["views"], generator)}
+            params = batch.pop("view_params", None)
+            return {**batch, "views": self.views.augment_views(batch["views"], params)}
         if "views" in batch:
             return {**batch, "views": self.views.on_device(batch["views"])}
         return batch
