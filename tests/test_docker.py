@@ -120,4 +120,6 @@ def test_main_writes_both_files(tmp_path: Path, monkeypatch, with_torch: bool) -
     constraints = (tmp_path / "constraints.txt").read_text().splitlines()
     assert ("triton==3.7.0" in constraints) is with_torch
     assert ("triton==" + _lock()["triton"] in constraints) is not with_torch
-    assert (tmp_path / "requirements.txt").read_text().startswith("torch")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    written = (tmp_path / "requirements.txt").read_text().splitlines()
+    assert written == lock_for_base.requirements(pyproject)
