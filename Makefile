@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DATA   ?=
 OUT    ?= demo_output
 
-.PHONY: venv demo test lint format bench clean pretrain-cpu lock
+.PHONY: venv demo test test-container lint format bench clean pretrain-cpu lock
 
 # The virtualenv is (re)built whenever pyproject.toml or the lock changes.
 # constraints.txt is the lock: the exact versions of every package the tests ran with.
@@ -55,13 +55,18 @@ pretrain-cpu: venv
 test: venv
 	$(BIN)/python -m pytest -q tests
 
+## make test-container: build docker/Dockerfile on a local Debian base and run the image
+## (tests/test_container.py; root, a running Docker engine, ~15 GB of disk; CI runs it after make test)
+test-container: venv
+	SCRATCHPATH_CONTAINER_TESTS=1 $(BIN)/python -m pytest -q tests/test_container.py
+
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docker
+	$(BIN)/ruff format --check src tests benchmarks docker
 
 format: venv
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks docker
+	$(BIN)/ruff check --fix src tests benchmarks docker
 
 bench: venv
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done

@@ -31,6 +31,8 @@ sees exactly the batches an uninterrupted run would have seen next.
 
 from __future__ import annotations
 
+import os
+import shutil
 from functools import cached_property
 from typing import Any, Literal
 
@@ -47,6 +49,8 @@ from scratchpath.distributed import rank_and_world_size
 from scratchpath.errors import ScratchpathError
 from scratchpath.store import PatchStore
 from scratchpath.views import ViewGenerator
+
+SHARED_MEMORY = "/dev/shm"  # where DataLoader workers hand batches over (Linux)
 
 
 class EncodedTiles:
@@ -96,6 +100,19 @@ def limit_worker_threads(worker_id: int) -> None:
     if cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
     torch.set_num_threads(1)
+
+
+def _tensor_bytes(batch: Any) -> int:
+    """Bytes of the tensors in a host batch (dicts, lists, :class:`EncodedTiles`)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, EncodedTiles):
+        return _tensor_bytes(batch.data)
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, list | tuple):
+        return sum(_tensor_bytes(part) for part in batch)
+    return 0
 
 
 class ViewBatches(Dataset):
@@ -292,6 +309,8 @@ class PatchDataModule(L.LightningDataModule):
             # make the views, so one thread costs it nothing.
             cv2.setNumThreads(1)
         dataset = ViewBatches(self.store, self.views, self.hparams.seed, self.fields)
+        if workers > 0:
+            self.check_shared_memory(dataset, sampler)
         return _ResumableLoader(
             dataset,
             sampler=sampler,
@@ -302,6 +321,29 @@ class PatchDataModule(L.LightningDataModule):
             prefetch_factor=self.hparams.prefetch_factor if workers > 0 else None,
             worker_init_fn=self.worker_init_fn if workers > 0 else None,
         )
+
+    def check_shared_memory(self, dataset: Dataset, sampler: DistributedBatchSampler) -> None:
+        """Refuse to start workers whose batches would overflow /dev/shm: a worker hands each
+        batch over through it, ``num_workers × prefetch_factor`` in flight (at most an epoch's
+        batches) plus the one in use. Too little (Docker's default is 64 MB) hangs the loader
+        after a worker fails to allocate (or kills it with a bus error); here it is one error
+        line. Costs one tile's views (at the full size of progressive resizing), once per loader."""
+        if not os.path.isdir(SHARED_MEMORY):
+            return
+        hp = self.hparams
+        epoch = max(self._epoch(), self.views.low_res_epochs)
+        tile = dataset[BatchRequest(epoch, sampler.batch(sampler.epoch, 0)[:1])]
+        batch = _tensor_bytes(tile) * hp.batch_size
+        in_flight = min(hp.num_workers * hp.prefetch_factor, len(sampler)) + 1
+        free = shutil.disk_usage(SHARED_MEMORY).free
+        if batch * in_flight > free:
+            raise ScratchpathError(
+                f"{SHARED_MEMORY}: {free / 2**20:.0f} MiB free, but {in_flight} batches of "
+                f"{batch / 2**20:.1f} MiB in flight (data.num_workers × data.prefetch_factor, and "
+                f"the one in use) need {batch * in_flight / 2**20:.0f} MiB; in Docker add "
+                "--shm-size=16g to docker run, or lower data.num_workers, data.prefetch_factor "
+                "or data.batch_size"
+            )
 
     def resolve_views_path(self) -> bool:
         """Settle ``views.device_augment=None`` from the trainer's device (device path on CUDA,
