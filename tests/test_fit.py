@@ -293,8 +293,13 @@ def test_signal_saves_checkpoint_and_resume_continues_at_its_step(
     assert f"stopped by {signal.Signals(signum).name}" in stderr
     assert not list(workdir.rglob("hpc_ckpt_*.ckpt"))  # not Lightning's mid-step checkpoint
     last = workdir / "runs/smoke_mae/checkpoints/last.ckpt"
-    stopped_at = torch.load(last, weights_only=True)["global_step"]
+    checkpoint = torch.load(last, weights_only=True)
+    stopped_at = checkpoint["global_step"]
     assert stopped_at >= 1
+    # The data position of that step (7 batches of 32 per epoch), not one written again when
+    # training ended, whose loops say the epoch is done.
+    position = checkpoint["PatchDataModule"]
+    assert (position["epoch"], position["batches_consumed"]) == divmod(stopped_at, 240 // 32)
 
     assert (
         run_fit(
