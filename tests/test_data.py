@@ -493,7 +493,7 @@ def test_views_path_is_resolved_from_the_trainer_device(store_path: Path) -> Non
 def test_workers_limit_opencv_and_torch_to_one_thread(store_path: Path) -> None:
     import cv2
 
-    from scratchpath.data.module import limit_worker_threads
+    from scratchpath.data.module import init_worker, limit_worker_threads
 
     before = (cv2.getNumThreads(), torch.get_num_threads())
     try:
@@ -503,7 +503,7 @@ def test_workers_limit_opencv_and_torch_to_one_thread(store_path: Path) -> None:
         cv2.setNumThreads(before[0])
         torch.set_num_threads(before[1])
     loader = _datamodule(store_path, num_workers=1).train_dataloader()
-    assert loader.worker_init_fn is limit_worker_threads and loader.persistent_workers
+    assert loader.worker_init_fn is init_worker and loader.persistent_workers
 
 
 def test_device_path_makes_the_cpu_path_views_of_each_tile(store_path: Path) -> None:
@@ -523,3 +523,25 @@ def test_device_path_makes_the_cpu_path_views_of_each_tile(store_path: Path) -> 
     assert torch.equal(alone[0][0], made[0][1])
     other_epoch = _transfer(device, dataset[BatchRequest(2, np.array([9]))])
     assert not torch.equal(other_epoch[0][0], made[0][1])
+
+
+def test_workers_outlive_the_stop_signals_a_scheduler_sends_to_every_process(
+    store_path: Path,
+) -> None:
+    """SLURM signals every process of a job step (scancel: SIGTERM; --signal: SIGUSR1); the
+    training process stops the run, so its workers must still serve the batches until then."""
+    import os
+    import signal
+    import time
+
+    loader = _datamodule(store_path, num_workers=2).train_dataloader()
+    batches = iter(loader)
+    next(batches)
+    for pid in [worker.pid for worker in batches._workers]:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(1)  # let the signals arrive
+    for _ in range(2):  # torch's own handler would have ended them: "worker killed by signal"
+        assert len(next(batches)["index"]) > 0
+    assert all(w.is_alive() for w in batches._workers)
+    batches._shutdown_workers()

@@ -618,6 +618,12 @@ class PreemptionCheckpoint(L.Callback):
         get_filesystem(path).makedirs(os.path.dirname(path), exist_ok=True)
         trainer.save_checkpoint(path, weights_only=False)  # full state: optimizer, loops, data
         self.saved_path, self._saved_step = path, trainer.global_step
+        if checkpoint is not None:
+            # Saved at this step: else ModelCheckpoint.on_train_end (Lightning 2.6) writes last.ckpt
+            # again after the stop has closed the epoch, and the resumed run would start the next
+            # epoch's data mid-way instead of continuing this one.
+            checkpoint._last_global_step_saved = trainer.global_step
+            checkpoint._last_checkpoint_saved = path
         return path
 
 

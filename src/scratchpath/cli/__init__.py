@@ -16,9 +16,12 @@ as one ``error: ...`` line and exits 2, with no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from scratchpath import __version__
 from scratchpath.errors import ScratchpathError
@@ -72,9 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "fit":
-            from scratchpath.cli import fit
+            # A stop signal (SLURM's --signal, SIGTERM) may come while torch is imported: it is
+            # remembered from here on and fit saves and stops at its first step.
+            with _stop_signals_remembered() as received:
+                from scratchpath.cli import fit
 
-            return fit.run_fit(argv[1:])
+                return fit.run_fit(argv[1:], early_signals=received)
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
@@ -87,6 +93,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _stop_signals_remembered() -> Iterator[list[int]]:
+    """Record SIGTERM / SIGUSR1 instead of dying of them (their default action), until the
+    block ends; the signal numbers received are in the yielded list."""
+    received: list[int] = []
+    numbers = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+    found = {signum: signal.signal(signum, _append_to(received)) for signum in numbers}
+    try:
+        yield received
+    finally:
+        for signum, handler in found.items():
+            signal.signal(signum, handler)
+
+
+def _append_to(received: list[int]) -> Callable[[int, Any], None]:
+    return lambda signum, frame: received.append(signum)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from functools import cached_property
 from typing import Any, Literal
 
@@ -113,6 +114,18 @@ def _tensor_bytes(batch: Any) -> int:
     if isinstance(batch, list | tuple):
         return sum(_tensor_bytes(part) for part in batch)
     return 0
+
+
+def init_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of the train loader: :func:`limit_worker_threads`, and SIGTERM and
+    SIGUSR1 ignored. Stop signals are the training process's to act on (it saves at a step
+    boundary, then shuts its workers down), but SLURM (``--signal``, ``scancel``) signals every
+    process of a job step: torch's worker handler ends a worker on a SIGTERM its parent did not
+    send, and SIGUSR1's default action ends a spawned one, so the run failed before saving."""
+    limit_worker_threads(worker_id)
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class ViewBatches(Dataset):
@@ -249,7 +262,7 @@ class PatchDataModule(L.LightningDataModule):
         self.fields = fields
         self.stores = [str(path) for path in stores]
         self.views = views
-        self.worker_init_fn = limit_worker_threads
+        self.worker_init_fn = init_worker
         self._store: PatchStore | None = None
         self._sampler: DistributedBatchSampler | None = None
         self._resume_state: dict[str, Any] | None = None
