@@ -28,6 +28,7 @@ when more than ``max_bad_fraction`` of an epoch's tiles were damaged.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -128,13 +129,20 @@ def decode_or_name(
             decoded.append(decode_on_device([part], device)[0])
         except RuntimeError as err:
             decoded.append(None)
-            damage.append((tile, str(name(tile, " ".join(str(err).split())))))
+            damage.append((tile, str(name(tile, decoder_reason(err)))))
     if not damage:  # no single tile fails: not a damaged tile, so not ours to hide
         raise batch_error
     slots = refill_slots([t is None for t in decoded])
     if slots is None:
         return torch.zeros(0), damage  # every tile damaged: DamagedTiles stops the run
     return torch.stack([decoded[s] for s in slots]), damage  # type: ignore[misc]
+
+
+def decoder_reason(err: Exception) -> str:
+    """A decoder's error as one line, without the C++ source location TorchCodec puts first
+    (``"decode_rows, /.../DecodeJpeg.cpp:208, Bogus Huffman table definition"``)."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: " + re.sub(r"^.*?\.(?:cpp|h):\d+,\s*", "", text)
 
 
 def refill_slots(bad: Sequence[bool]) -> list[int] | None:
