@@ -70,7 +70,7 @@ ITERATIONS = 40
 VICTIMS = 8
 
 
-def _queued_reductions_corrupted(decode: Callable[[], object]) -> int:
+def queued_reductions_corrupted(decode: Callable[[], object]) -> int:
     """Iterations whose queued reductions read memory that ``decode`` overwrote.
 
     Each iteration: victims the size of one decoded tile, filled and synchronised; a long
@@ -131,7 +131,7 @@ def test_decode_never_overwrites_memory_that_queued_kernels_still_read(
         decoded.append(tiles)
         return tiles
 
-    assert _queued_reductions_corrupted(decode) == 0
+    assert queued_reductions_corrupted(decode) == 0
     reference = encoded.decode("cpu")
     for tiles in decoded:  # and the decode itself wrote the right pixels every time
         assert _psnr(tiles.cpu(), reference) > 40
@@ -140,7 +140,7 @@ def test_decode_never_overwrites_memory_that_queued_kernels_still_read(
 @CUDA
 def test_the_race_harness_catches_an_unordered_writer() -> None:
     # The control: without it, 0 corrupted above could mean a harness that sees nothing.
-    assert _queued_reductions_corrupted(_unordered_writer) > 0
+    assert queued_reductions_corrupted(_unordered_writer) > 0
 
 
 @CUDA

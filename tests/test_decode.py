@@ -63,7 +63,8 @@ def clean_blobs(tiles_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> li
     root = tmp_path_factory.mktemp("clean")
     folder = root / "tiles"
     folder.mkdir()
-    for f in sorted((tiles_dir / "lc25000_lung_224").glob("*/*.jpeg"))[::60][:N_TILES]:
+    files = sorted((tiles_dir / "lc25000_lung_224").glob("*/*.jpeg"))
+    for f in files[:: max(1, len(files) // N_TILES)][:N_TILES]:
         (folder / f"{f.parent.name}_{f.name}").write_bytes(f.read_bytes())
     import_tiles(folder, root / "store", tile_size=TILE, use_folder_labels=False)
     store = PatchStore(root / "store")
