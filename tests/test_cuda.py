@@ -65,6 +65,9 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 # -- pytorch/vision#9606: the decode must not write memory that queued work still reads -------
 
 TILE = 224
+# nvJPEG and libjpeg-turbo differ in IDCT rounding and 4:2:0 chroma upsampling, not in content:
+# a wrong decode (garbage, swapped channels, another tile) scores far below this
+MATCHING_PSNR = 30.0
 SPIN_CYCLES = 50_000_000  # ~25 ms at 2 GHz: the decode runs while the reductions still wait
 ITERATIONS = 40
 VICTIMS = 8
@@ -134,7 +137,7 @@ def test_decode_never_overwrites_memory_that_queued_kernels_still_read(
     assert queued_reductions_corrupted(decode) == 0
     reference = encoded.decode("cpu")
     for tiles in decoded:  # and the decode itself wrote the right pixels every time
-        assert _psnr(tiles.cpu(), reference) > 40
+        assert _psnr(tiles.cpu(), reference) > MATCHING_PSNR
 
 
 @CUDA
@@ -149,7 +152,7 @@ def test_nvjpeg_pixels_match_the_cpu_decoder(race_blobs: dict[str, list], codec:
     encoded = EncodedTiles.from_blobs(race_blobs[codec])
     on_gpu, on_cpu = encoded.decode("cuda").cpu(), encoded.decode("cpu")
     assert on_gpu.shape == on_cpu.shape == (VICTIMS, 3, TILE, TILE)
-    assert _psnr(on_gpu, on_cpu) > 40  # IDCTs differ in rounding, not in content
+    assert _psnr(on_gpu, on_cpu) > MATCHING_PSNR
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -382,7 +385,7 @@ def test_two_gpu_nccl_fit_trains_and_checkpoints(smoke_workdir: Path) -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "nccl" in result.stderr.lower() or "NCCL" in result.stdout
+    assert "distributed_backend=nccl" in (result.stdout + result.stderr).lower()
     checkpoint = torch.load(
         smoke_workdir / "runs" / "nccl" / "checkpoints" / "last.ckpt", weights_only=True
     )

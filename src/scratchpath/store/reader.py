@@ -317,7 +317,7 @@ class PatchStore:
     def read_encoded_batch(self, indices: Sequence[int] | np.ndarray) -> list[bytes]:
         """The stored (encoded) bytes of the tiles at ``indices``, in order, undecoded.
 
-        For decoding elsewhere (e.g. ``torchvision.io.decode_jpeg`` on the GPU for a JPEG
+        For decoding elsewhere (e.g. TorchCodec's ``decode_jpeg`` on the GPU for a JPEG
         store: ``codec`` tells the format). From a remote store it costs one ranged request per
         shard the batch touches.
         """
