@@ -173,6 +173,35 @@ def test_a_tile_only_the_decoder_rejects_is_named_on_the_device_path(
     assert tiles.shape == (VICTIMS, 3, TILE, TILE) and tiles.device.type == device
 
 
+def _scan_middle(blob: bytes) -> int:
+    at = blob.index(b"\xff\xda")
+    return (at + 2 + int.from_bytes(blob[at + 2 : at + 4], "big") + len(blob)) // 2
+
+
+DECODER_DAMAGE = {
+    "truncated": lambda blob: blob[: int(len(blob) * 0.6)],
+    "corrupt": lambda blob: (
+        blob[: _scan_middle(blob)] + b"\xff\x4a" + blob[_scan_middle(blob) + 2 :]
+    ),
+    "empty": lambda blob: b"",
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", sorted(DECODER_DAMAGE))
+def test_the_decoder_itself_rejects_each_kind_of_damage(
+    race_blobs: dict[str, list], kind: str, device: str
+) -> None:
+    # Without the workers' jpeg_damage check: does the decoder (nvJPEG on CUDA) see the same
+    # damage? If it does, the check only makes the two paths agree by construction; if not,
+    # the check is what keeps a damaged tile from training silently on the GPU.
+    blobs = list(race_blobs["jpeg:90:420"])
+    blobs[5] = DECODER_DAMAGE[kind](blobs[5])
+    encoded = EncodedTiles.from_blobs(blobs, tiles=range(VICTIMS))
+    _, damage = decode_or_name(encoded, torch.device(device), lambda t, r: RuntimeError(r))
+    assert [tile for tile, _ in damage] == [5]
+
+
 @CUDA
 def test_decode_waits_for_nothing_queued_on_the_training_stream(
     race_blobs: dict[str, list],
