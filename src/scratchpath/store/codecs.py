@@ -21,8 +21,9 @@ nothing), a broken header, a size other than the store's, or a byte pair in the 
 data that no JPEG stream holds there (``0xFF`` followed by anything but a stuffed zero, a
 restart marker or a marker allowed between scans; libjpeg-turbo stops at it with "Unsupported
 marker", nvJPEG is not known to). It costs ~2 % of a decode (``benchmarks/bench_codecs.py``:
-19 µs per 29 KB tile against 889 µs, on a loaded 2-core machine), O(bytes) per tile. A flipped bit that leaves a valid Huffman stream decodes to wrong pixels on
-every decoder and is caught by none: the store keeps no per-tile checksum.
+19 µs per 29 KB tile against 889 µs, on a loaded 2-core machine), O(bytes) per tile. A flipped
+bit that leaves a valid Huffman stream decodes to wrong pixels on every decoder and is caught by
+none: the store keeps no per-tile checksum.
 """
 
 from __future__ import annotations
