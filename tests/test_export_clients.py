@@ -242,7 +242,7 @@ def test_eva_linear_probe_yaml_from_the_card_instantiates_the_backbone(export, t
             )
         )
         config = parser.parse_args(args)
-        init = parser.instantiate_classes(config)
+        init = parser.instantiate(config)
         backbone = init.fit.model.backbone
         _same(backbone.eval()(tiles), teacher(tiles))
         assert type(init.fit.model.criterion).__name__ == "CrossEntropyLoss"

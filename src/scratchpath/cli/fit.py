@@ -170,7 +170,7 @@ class ScratchpathCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         # Recorded in every checkpoint by SSLObjective.on_save_checkpoint (provenance).
-        self.trainer.scratchpath_config = self.parser.dump(self.config, skip_none=False)
+        self.trainer.scratchpath_config = self.parser.dump(self.config, skip_unset=False)
 
 
 def check_config(config: Any) -> None:

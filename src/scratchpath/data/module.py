@@ -10,8 +10,10 @@ The pipeline per rank::
            device path, JPEG: {"encoded": EncodedTiles}  the tiles' JPEG bytes, not decoded
            device path, lossless codecs: {"tiles": uint8 (B, H, W, 3)}  decoded in the worker
            device path, both: {"view_params": float32 (V, B, 17)}  the same per-tile draw
+      -> on_before_batch_transfer            -- damaged tiles the workers met: stop, or count
+                                                (``skip_bad_tiles``; see data.decode)
       -> on_after_batch_transfer             -- on the device: decode the JPEG bytes batched
-                                                (torchvision.io.decode_jpeg, nvJPEG on CUDA),
+                                                (TorchCodec, nvJPEG on CUDA: data.decode),
                                                 views.device_views (device path) or
                                                 views.on_device (CPU path) -> float32 views
 
@@ -39,68 +41,20 @@ from typing import Any, Literal
 
 import cv2
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from scratchpath.data.fields import FieldsOfView, FieldViewBatches, crop_fields
-from scratchpath.data.sampling import BatchRequest, DistributedBatchSampler, sample_seed
+from scratchpath.data.batches import ViewBatches, limit_worker_threads
+from scratchpath.data.decode import DamagedTiles, EncodedTiles, decode_or_name
+from scratchpath.data.fields import FieldsOfView, crop_fields
+from scratchpath.data.sampling import BatchRequest, DistributedBatchSampler
 from scratchpath.distributed import rank_and_world_size
 from scratchpath.errors import ScratchpathError
 from scratchpath.store import PatchStore
 from scratchpath.views import ViewGenerator
 
 SHARED_MEMORY = "/dev/shm"  # where DataLoader workers hand batches over (Linux)
-
-
-class EncodedTiles:
-    """The encoded bytes of a batch of tiles: one flat uint8 tensor and each tile's length.
-
-    One buffer pins and copies cheaply. It is deliberately not a tensor, a sequence or a
-    dataclass, so Lightning's batch transfer leaves it on the host: ``decode_jpeg`` wants its
-    input in host memory and moves the decoded pixels to the device itself.
-    """
-
-    def __init__(self, data: torch.Tensor, sizes: tuple[int, ...]) -> None:
-        self.data, self.sizes = data, sizes
-
-    @classmethod
-    def from_blobs(cls, blobs: list[bytes]) -> EncodedTiles:
-        sizes = tuple(len(blob) for blob in blobs)
-        data = torch.empty(sum(sizes), dtype=torch.uint8)
-        flat, start = data.numpy(), 0
-        for blob, size in zip(blobs, sizes, strict=True):
-            flat[start : start + size] = np.frombuffer(blob, np.uint8)
-            start += size
-        return cls(data, sizes)
-
-    def pin_memory(self, device: Any = None) -> EncodedTiles:
-        """Called by the DataLoader's pinning thread."""
-        return EncodedTiles(self.data.pin_memory(), self.sizes)
-
-    def decode(self, device: torch.device | str) -> torch.Tensor:
-        """(B, 3, H, W) uint8 RGB tiles on ``device``, decoded there in one batched call."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        parts = list(torch.split(self.data, self.sizes))
-        return torch.stack(decode_jpeg(parts, mode=ImageReadMode.RGB, device=device))
-
-    def __len__(self) -> int:
-        return len(self.sizes)
-
-
-def limit_worker_threads(worker_id: int) -> None:
-    """``worker_init_fn``: one OpenCV and one torch thread per worker (the workers are the
-    parallelism; more threads per worker only contend for the same cores).
-
-    Forked workers already inherit one OpenCV thread from :meth:`PatchDataModule.train_dataloader`:
-    ``cv2.setNumThreads`` in a forked child of a process whose OpenCV thread pool ran deadlocks
-    (pthreads backend), so it is only called where the count is not 1 yet (spawned workers).
-    """
-    if cv2.getNumThreads() != 1:
-        cv2.setNumThreads(1)
-    torch.set_num_threads(1)
 
 
 def _tensor_bytes(batch: Any) -> int:
@@ -128,57 +82,7 @@ def init_worker(worker_id: int) -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-class ViewBatches(Dataset):
-    """Maps a :class:`BatchRequest` to its host batch: one store read, then, by the views' path,
-    seeded CPU views per tile, or the tiles themselves (JPEG stores: their encoded bytes) with
-    the views' parameters; with µm ``fields``, :class:`FieldViewBatches`' views (plus the
-    parameters of the device path's D4 and colour).
-
-    The seed of a tile's views depends only on (seed, epoch, tile index), on both paths, so
-    batches are the same whatever the number of workers, ranks or the batch a tile lands in,
-    and both paths draw the same parameters for a tile. Each DataLoader
-    worker reads through its own file handles: a spawned worker gets the store pickled by path
-    and reopens it, a forked one has the store drop the parent's handles on first use.
-    """
-
-    def __init__(
-        self, store: PatchStore, views: ViewGenerator, seed: int, fields: FieldsOfView | None = None
-    ) -> None:
-        self.store = store
-        self.views = views
-        self.seed = seed
-        self.fields = None if fields is None else FieldViewBatches(store, fields, seed)
-
-    def __getitem__(self, request: BatchRequest) -> dict[str, Any]:
-        epoch, indices = request
-        self.views.set_epoch(epoch)  # progressive resizing: the epoch picks the view size
-        index = torch.as_tensor(indices, dtype=torch.int64)  # (B,)
-        if self.fields is not None:  # µm fields cut the views; the device path adds D4, colour
-            batch = self.fields[request]
-            if self.views.device_augment:
-                batch["view_params"] = self.view_params(epoch, indices)
-            return batch
-        if self.views.device_augment:  # the tiles (or their bytes) and the views' parameters
-            batch = {"view_params": self.view_params(epoch, indices), "index": index}
-            if str(self.store.codec).startswith("jpeg"):
-                blobs = self.store.read_encoded_batch(indices)
-                return {**batch, "encoded": EncodedTiles.from_blobs(blobs)}
-            return {**batch, "tiles": torch.from_numpy(self.store.read(indices))}
-        tiles = self.store.read(indices)  # (B, H, W, 3) uint8
-        per_view: list[list[torch.Tensor]] = [[] for _ in range(self.views.n_views)]
-        for tile, tile_index in zip(tiles, indices, strict=True):
-            self.views.set_seed(sample_seed(self.seed, epoch, int(tile_index)))
-            for slot, view in zip(per_view, self.views(tile), strict=True):
-                slot.append(view)
-        return {"views": [torch.stack(views) for views in per_view], "index": index}
-
-    def view_params(self, epoch: int, indices: np.ndarray) -> torch.Tensor:
-        """The device path's view parameters of a batch, (V, B, N_PARAMS) float32: the draw the
-        CPU path makes per tile, from the same per-tile seeds (so both paths make the same
-        views of a tile); pinned with the batch, it reaches the device without a sync."""
-        rngs = [np.random.default_rng(sample_seed(self.seed, epoch, int(i))) for i in indices]
-        side = self.store.tile_size
-        return torch.from_numpy(self.views.draw_params(rngs, (side, side)))
+__all__ = ["EncodedTiles", "PatchDataModule", "ViewBatches", "limit_worker_threads"]
 
 
 class _ResumableLoader(DataLoader):
@@ -220,6 +124,12 @@ class PatchDataModule(L.LightningDataModule):
             it; batches then also carry ``"view_mpp"`` (V, B). Its views replace the view
             generator's crops; the generator still normalises them (and, with
             ``device_augment``, applies its colour augmentation on the device).
+        skip_bad_tiles: a damaged tile (empty, truncated or corrupt bytes) stops the run with
+            one line naming its store, shard and tile index (False, the default), or is
+            replaced by another tile of its batch, logged once and counted (True; not with
+            ``fields``). See :mod:`scratchpath.data.decode`.
+        max_bad_fraction: with ``skip_bad_tiles``, stop once more distinct damaged tiles than
+            this fraction of the tiles a device reads per epoch have been met.
     """
 
     def __init__(
@@ -238,8 +148,14 @@ class PatchDataModule(L.LightningDataModule):
         prefetch_factor: int = 2,
         mpp_weights: dict[float, float] | None = None,
         fields: FieldsOfView | None = None,
+        skip_bad_tiles: bool = False,
+        max_bad_fraction: float = 0.001,
     ) -> None:
         super().__init__()
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ScratchpathError(f"max_bad_fraction: must be in [0, 1], got {max_bad_fraction}")
+        if skip_bad_tiles and fields is not None:
+            raise ScratchpathError("skip_bad_tiles: not supported with data.fields (µm views)")
         if not stores:
             raise ScratchpathError("stores: at least one patch store is needed")
         if num_workers < 0:
@@ -266,6 +182,7 @@ class PatchDataModule(L.LightningDataModule):
         self._store: PatchStore | None = None
         self._sampler: DistributedBatchSampler | None = None
         self._resume_state: dict[str, Any] | None = None
+        self._damaged: DamagedTiles | None = None
 
     @property
     def store(self) -> PatchStore:
@@ -311,6 +228,10 @@ class PatchDataModule(L.LightningDataModule):
             self._apply_resume(sampler, self._resume_state)
             self._resume_state = None
         self._sampler = sampler
+        if self._damaged is None:  # kept across epochs: a tile is counted once per run
+            self._damaged = DamagedTiles(
+                self.hparams.skip_bad_tiles, self.hparams.max_bad_fraction, sampler.num_samples
+            )
         self.resolve_views_path()
         workers = self.hparams.num_workers
         if workers > 0 and torch.multiprocessing.get_start_method(allow_none=True) in (
@@ -368,11 +289,28 @@ class PatchDataModule(L.LightningDataModule):
         """The trainer's epoch (0 before a trainer is attached, e.g. in tests and tools)."""
         return self.trainer.current_epoch if self.trainer is not None else 0
 
+    def damaged_tiles(self) -> DamagedTiles:
+        """The run's damaged-tile bookkeeping (made by the train loader; without one, e.g. in
+        tools, here on first use, against the store's size)."""
+        if self._damaged is None:
+            hp = self.hparams
+            self._damaged = DamagedTiles(hp.skip_bad_tiles, hp.max_bad_fraction, len(self.store))
+        return self._damaged
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Account for the damaged tiles the workers met (raises to stop the run)."""
+        if isinstance(batch, dict) and "damaged" in batch:
+            batch = dict(batch)
+            damage = batch.pop("damaged")
+            self.damaged_tiles().report(damage, max(len(batch.get("index", ())), 1))
+        return batch
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """The host batch on the device -> ``{"views": float32 normalised views, "index"}``.
 
-        Device path: JPEG bytes are decoded here (one batched ``decode_jpeg``, nvJPEG on CUDA)
-        and ``views.device_views`` builds every view at the parameters the worker drew per tile
+        Device path: JPEG bytes are decoded here (one batched TorchCodec ``decode_jpeg``,
+        nvJPEG on CUDA, on a decode stream of its own: :mod:`scratchpath.data.decode`) and
+        ``views.device_views`` builds every view at the parameters the worker drew per tile
         from (seed, epoch, tile), as for the CPU views: reproducible, different on every rank
         (ranks read disjoint tiles) and exactly resumed. No step of it waits for the device.
         """
@@ -385,7 +323,12 @@ class PatchDataModule(L.LightningDataModule):
         if "encoded" in batch or "tiles" in batch:
             device = batch["index"].device
             if "encoded" in batch:
-                tiles = batch.pop("encoded").decode(device)  # (B, 3, H, W) uint8
+                encoded = batch.pop("encoded")
+                tiles, damage = decode_or_name(  # (B, 3, H, W) uint8
+                    encoded, device, lambda i, reason: self.store.damaged_tile(i, reason)
+                )
+                if damage:
+                    self.damaged_tiles().report(damage, len(encoded))
             else:
                 tiles = batch.pop("tiles").permute(0, 3, 1, 2)
             self.views.set_epoch(self._epoch())
