@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from scratchpath.data.module import EncodedTiles
 from scratchpath.ingest import iter_tiles, level_corners
@@ -154,6 +153,26 @@ def device_tiles(
     ys = batch.rows.to(device, non_blocking=True)
     xs = batch.cols.to(device, non_blocking=True)
     windows = mosaic[:, ys[:, :, None], xs[:, None, :]].transpose(0, 1)  # (B, 3, r, r)
-    if read_size != tile_size:  # area average, as ingest's cv2.INTER_AREA
-        return F.interpolate(windows.float(), size=(tile_size, tile_size), mode="area")
+    if read_size != tile_size:
+        return area_resize(windows, tile_size)
     return windows
+
+
+def area_matrix(source: int, target: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(target, source)`` weights of area resampling along one axis: output pixel ``i``
+    averages the input span ``[i·s, (i+1)·s)``, ``s = source / target``, each input pixel
+    weighted by how much of it the span covers (what OpenCV's ``INTER_AREA`` computes when
+    shrinking, also for non-integer factors such as 257 -> 128)."""
+    scale = source / target
+    edges = torch.arange(target + 1, dtype=torch.float64) * scale  # (target + 1,)
+    left, right = edges[:-1, None], edges[1:, None]
+    pixels = torch.arange(source, dtype=torch.float64)[None, :]
+    overlap = (torch.minimum(right, pixels + 1) - torch.maximum(left, pixels)).clamp_min(0)
+    return (overlap / scale).to(device=device, dtype=torch.float32)
+
+
+def area_resize(tiles: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, C, r, r)`` tiles -> ``(B, C, size, size)`` float32 by area averaging (two small
+    matrix products on the tiles' device; :func:`area_matrix`)."""
+    weights = area_matrix(tiles.shape[-1], size, tiles.device)  # (size, r)
+    return weights @ tiles.float() @ weights.T
