@@ -29,8 +29,12 @@ from scratchpath.store import PatchStore
 # a non-integer 257 -> 128 area reduction), the OME pyramid (its 0.998 µm/px level cut as is),
 # the J2K SVS (no µm/px: 0.5 assumed; not JPEG: CPU reads) and the real DICOM (pydicom frames,
 # 0.5 assumed, 256 -> 128).
-HE = ["CMU-1-Small-Region.svs", "CMU-1-Small-Region_derived_pyramid.ome.tif",
-      "TCGA-CR-7395-01A-01-TS1.svs", "formats/TCGA-XK-AAJU-01A-01-TS1_small.dcm"]  # fmt: skip
+HE = [
+    "CMU-1-Small-Region.svs",
+    "CMU-1-Small-Region_derived_pyramid.ome.tif",
+    "TCGA-CR-7395-01A-01-TS1.svs",
+    "formats/TCGA-XK-AAJU-01A-01-TS1_small.dcm",
+]
 NDPI = "formats/hamamatsu_fluorescence_DAPI.ndpi"  # fluorescence: every tile (min_tissue 0)
 RUN = {"mpp": 1.0, "tile_size": 128, "min_tissue": 0.5, "assume_mpp": 0.5}
 INPUT = 64  # the export's input size: tiles are resized 128 -> 64 before the forward pass
@@ -47,8 +51,9 @@ def reference(slides_dir: Path, tmp_path_factory) -> PatchStore:
     out = tmp_path_factory.mktemp("ingest") / "store"
     slides = [slides_dir / name for name in HE]
     assert ingest(slides, out, codec="zstd", progress=False, **RUN).ok
-    assert ingest([slides_dir / NDPI], out, codec="zstd", progress=False,
-                  **{**RUN, "min_tissue": 0.0}).ok  # fmt: skip
+    assert ingest(
+        [slides_dir / NDPI], out, codec="zstd", progress=False, **{**RUN, "min_tissue": 0.0}
+    ).ok
     return PatchStore(out)
 
 
@@ -93,8 +98,9 @@ def test_embeddings_are_load_backbone_on_the_tiles_ingest_cuts(
     np.testing.assert_array_equal(got.coords, xy)  # same tissue mask, level, grid
     # Area resampling on the device is float; ingest rounds its tiles to uint8 (<= 0.5 grey).
     resampled = decode == "device" and not got.coords_attrs["native_level"]
-    torch.testing.assert_close(torch.from_numpy(np.array(got.features)), expected,
-                               atol=5e-3 if resampled else 1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.from_numpy(np.array(got.features)), expected, atol=5e-3 if resampled else 1e-5, rtol=0
+    )
 
 
 @pytest.mark.slow
@@ -141,8 +147,9 @@ def test_files_carry_the_trident_and_clam_layout(embedded) -> None:
 
 @pytest.mark.slow
 def test_bf16_and_fp16_storage_stay_within_their_tolerance(slides_dir, export, embedded, tmp_path):
-    report = _embed(slides_dir, tmp_path, export, HE[:1], precision="bf16",
-                    features_dtype="float16")  # fmt: skip
+    report = _embed(
+        slides_dir, tmp_path, export, HE[:1], precision="bf16", features_dtype="float16"
+    )
     assert report.ok
     got = read_slide(tmp_path / "CMU-1-Small-Region.h5")
     assert got.features.dtype == np.float16
@@ -201,9 +208,28 @@ def _same_file(out: Path, reference: Path, slide_id: str) -> None:
 def test_killed_run_leaves_no_partial_file_and_resumes(slides_dir, export, embedded, tmp_path):
     out = tmp_path / "out"
     slides = [str(slides_dir / n) for n in HE[:3]]
-    command = [sys.executable, "-m", "scratchpath", "embed", *slides, "--model", str(export),
-               "--out", str(out), "--mpp", "1.0", "--tile-size", "128", "--assume-mpp", "0.5",
-               "--decode", "cpu", "--workers", "1", "--no-progress"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "scratchpath",
+        "embed",
+        *slides,
+        "--model",
+        str(export),
+        "--out",
+        str(out),
+        "--mpp",
+        "1.0",
+        "--tile-size",
+        "128",
+        "--assume-mpp",
+        "0.5",
+        "--decode",
+        "cpu",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not list(out.glob("*.h5")):  # killed right after the first slide's file appeared
@@ -230,14 +256,16 @@ def test_a_store_is_embedded_per_slide_like_its_tiles(slides_dir, export, tmp_pa
     store_dir = tmp_path / "store"
     assert ingest([slides_dir / HE[1]], store_dir, progress=False, **RUN).ok  # JPEG codec
     store = PatchStore(store_dir)
-    report = embed([store_dir], export, tmp_path / decode, decode=decode, progress=False,
-                   log=lambda line: None)  # fmt: skip
+    report = embed(
+        [store_dir], export, tmp_path / decode, decode=decode, progress=False, log=lambda line: None
+    )
     assert report.ok
     got = read_slide(tmp_path / decode / "CMU-1-Small-Region_derived_pyramid.h5")
     expected = extract_features(load_backbone(export), store, mean=MEAN, std=STD, input_size=INPUT)
     np.testing.assert_array_equal(got.coords, np.stack([store.tiles["x"], store.tiles["y"]], 1))
-    torch.testing.assert_close(torch.from_numpy(np.array(got.features)), expected, atol=1e-5,
-                               rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.from_numpy(np.array(got.features)), expected, atol=1e-5, rtol=0
+    )
     assert got.coords_attrs["mpp"] == pytest.approx(0.998, abs=1e-3)
 
 
@@ -247,11 +275,34 @@ def test_two_ranks_split_the_slides_and_write_what_one_process_writes(
 ) -> None:
     """torchrun, 2 CPU processes (gloo): each slide embedded once, by one rank; same files."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "scratchpath", "embed",
-               *(str(slides_dir / n) for n in HE[:2]), "--model", str(export), "--out", str(out),
-               "--mpp", "1.0", "--tile-size", "128", "--assume-mpp", "0.5", "--decode", "cpu",
-               "--workers", "1", "--no-progress"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "scratchpath",
+        "embed",
+        *(str(slides_dir / n) for n in HE[:2]),
+        "--model",
+        str(export),
+        "--out",
+        str(out),
+        "--mpp",
+        "1.0",
+        "--tile-size",
+        "128",
+        "--assume-mpp",
+        "0.5",
+        "--decode",
+        "cpu",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -48,8 +48,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("inputs", nargs="+", metavar="SLIDES_OR_STORES",
-                        help="slide files / folders of them, or patch stores")  # fmt: skip
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="SLIDES_OR_STORES",
+        help="slide files / folders of them, or patch stores",
+    )
     parser.add_argument("--model", required=True, metavar="DIR", help="export folder")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder of the .h5 files")
     parser.add_argument(
@@ -101,7 +105,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="re-embed files made with another encoder or tiling",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(run=run)  # fmt: skip
+    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,8 +44,17 @@ SUFFIX = ".h5"
 MANIFEST = "manifest.json"
 FAILED_DIR = "failed"
 # Provenance fields that must agree before a file is reused (the export's path may differ).
-ENCODER_KEYS = ("architecture", "export_sha256", "input_size", "mean", "std", "interpolation",
-                "precision", "features_dtype", "num_features")  # fmt: skip
+ENCODER_KEYS = (
+    "architecture",
+    "export_sha256",
+    "input_size",
+    "mean",
+    "std",
+    "interpolation",
+    "precision",
+    "features_dtype",
+    "num_features",
+)
 
 
 def magnification(mpp: float | None) -> float | None:
@@ -104,8 +113,9 @@ def write_slide(
         if tissue_fraction is not None:
             f.create_dataset("tissue_fraction", data=np.asarray(tissue_fraction, np.float32))
         if thumbnail is not None:
-            thumb = f.create_dataset("thumbnail", data=thumbnail, compression="gzip",
-                                     compression_opts=1)  # fmt: skip
+            thumb = f.create_dataset(
+                "thumbnail", data=thumbnail, compression="gzip", compression_opts=1
+            )
             thumb.attrs["scale"] = float(thumbnail_scale)
     return path
 
@@ -138,8 +148,9 @@ def read_slide(path: str | os.PathLike, *, mmap: bool = True) -> SlideEmbeddings
             dset = f["features"]
             offset = dset.id.get_offset()
             if mmap and offset is not None and dset.chunks is None and dset.compression is None:
-                features = np.memmap(path, dtype=dset.dtype, mode="r", offset=offset,
-                                     shape=dset.shape)  # fmt: skip
+                features = np.memmap(
+                    path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape
+                )
             else:  # chunked / compressed files written by other tools
                 features = dset[()]
             provenance = json.loads(f.attrs.get("scratchpath", "{}"))
@@ -208,8 +219,15 @@ def write_manifest(out: Path, run: dict[str, Any]) -> Path:
         if provenance is None:
             continue
         source = provenance.get("source") or {}
-        slides.append({"slide_id": path.stem, "status": "ok", "file": path.name,
-                       "n_tiles": provenance["n_tiles"], **source})  # fmt: skip
+        slides.append(
+            {
+                "slide_id": path.stem,
+                "status": "ok",
+                "file": path.name,
+                "n_tiles": provenance["n_tiles"],
+                **source,
+            }
+        )
     done = {s["slide_id"] for s in slides}
     for note in sorted((out / FAILED_DIR).glob("*.json")):
         entry = json.loads(note.read_text())

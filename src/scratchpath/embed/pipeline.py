@@ -89,9 +89,18 @@ class _Inline:
 class Pipeline:
     """Embeds a rank's slides; :meth:`run` yields one outcome dict per slide, in order."""
 
-    def __init__(self, encoder: Encoder, options: TilingOptions, run_info: dict, out: Path,
-                 batch_size: int, workers: int, use_device: bool, overwrite: bool,
-                 store_mpp: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        encoder: Encoder,
+        options: TilingOptions,
+        run_info: dict,
+        out: Path,
+        batch_size: int,
+        workers: int,
+        use_device: bool,
+        overwrite: bool,
+        store_mpp: float | None = None,
+    ) -> None:
         self.encoder, self.options, self.run_info, self.out = encoder, options, run_info, out
         self.batch_size, self.workers = batch_size, workers
         self.use_device, self.overwrite, self.store_mpp = use_device, overwrite, store_mpp
@@ -166,8 +175,9 @@ class Pipeline:
         if job.status == "skipped":
             return {**outcome, "status": "skipped", "reason": job.reason}
         if job.status == "failed":
-            h5.record_failure(self.out, unit.slide_id, {"source": outcome["source"],
-                                                        "reason": job.reason})  # fmt: skip
+            h5.record_failure(
+                self.out, unit.slide_id, {"source": outcome["source"], "reason": job.reason}
+            )
             return {**outcome, "status": "failed", "reason": job.reason}
         features = torch.cat(job.features).cpu().numpy()  # the one device->host copy per slide
         job.features = []
@@ -190,9 +200,16 @@ class Pipeline:
         h5.clear_failure(self.out, unit.slide_id)
         self.n_tiles += job.n
         seconds = time.perf_counter() - job.started
-        return {**outcome, "status": "ok", "reason": "", "n_tiles": job.n, "file": path.name,
-                "seconds": seconds, "tiles_per_s": job.n / max(seconds, 1e-9),
-                "mode": job.mode}  # fmt: skip
+        return {
+            **outcome,
+            "status": "ok",
+            "reason": "",
+            "n_tiles": job.n,
+            "file": path.name,
+            "seconds": seconds,
+            "tiles_per_s": job.n / max(seconds, 1e-9),
+            "mode": job.mode,
+        }
 
     # -- planning (worker threads) ----------------------------------------------------------
     def _plan(self, unit: Unit) -> Job:
@@ -217,8 +234,10 @@ class Pipeline:
         if (why := h5.same_encoder(done, self.run_info)) is not None:
             if self.overwrite:
                 return False
-            raise ScratchpathError(f"{path}: made with another encoder or tiling ({why}); use "
-                                   "--overwrite to re-embed, or another --out")  # fmt: skip
+            raise ScratchpathError(
+                f"{path}: made with another encoder or tiling ({why}); use "
+                "--overwrite to re-embed, or another --out"
+            )
         if done.get("source", {}).get("identity") != job.identity.get("identity"):
             return False  # the slide changed since
         job.status, job.reason = "skipped", "already embedded"
@@ -240,12 +259,26 @@ class Pipeline:
         job.read_size, job.tile_size = grid.read_size, self.options.tile_size
         job.thumbnail, job.thumbnail_scale = plan.thumbnail, plan.thumbnail_scale
         job.thumbnail_png = plan.thumbnail_png
-        job.source = SlideTiles(str(path), self.options.assume_mpp, grid.level, grid.read_size,
-                                job.tile_size, job.coords, pin=self.pin)  # fmt: skip
+        job.source = SlideTiles(
+            str(path),
+            self.options.assume_mpp,
+            grid.level,
+            grid.read_size,
+            job.tile_size,
+            job.coords,
+            pin=self.pin,
+        )
         job.coords_attrs = _coords_attrs(
-            unit.slide_id, job.tile_size, round(grid.read_size * level.downsample), grid.level,
-            record["mpp"], self.options.mpp, grid.stored_mpp, record["width"], record["height"],
-        )  # fmt: skip
+            unit.slide_id,
+            job.tile_size,
+            round(grid.read_size * level.downsample),
+            grid.level,
+            record["mpp"],
+            self.options.mpp,
+            grid.stored_mpp,
+            record["width"],
+            record["height"],
+        )
         job.coords_attrs["native_level"] = bool(native_within(level, self.options.mpp))
         return job
 
@@ -265,8 +298,14 @@ class Pipeline:
                 f"({sorted(set(mpps.tolist()))}); choose one with --mpp"
             )
         ident = record.get("sha256") or record.get("fast_id") or ""
-        job = Job(unit, {"store": str(unit.store), "slide_id": record["slide_id"],
-                         "identity": f"{ident}:{len(rows)}"})  # fmt: skip
+        job = Job(
+            unit,
+            {
+                "store": str(unit.store),
+                "slide_id": record["slide_id"],
+                "identity": f"{ident}:{len(rows)}",
+            },
+        )
         if self._skip(job):
             return job
         if len(rows) == 0:
@@ -281,8 +320,17 @@ class Pipeline:
         jpeg = str(store.codec).startswith("jpeg") and self.use_device
         job.source = StoreTiles(str(unit.store), rows, encoded=jpeg, pin=self.pin)
         job.mode = "stored JPEG decoded on the device" if jpeg else "store reads"
-        job.coords_attrs = _coords_attrs(unit.slide_id, size, level0, int(store.tiles["level"][
-            rows[0]]), slide_mpp, mpp, mpp, record.get("width"), record.get("height"))  # fmt: skip
+        job.coords_attrs = _coords_attrs(
+            unit.slide_id,
+            size,
+            level0,
+            int(store.tiles["level"][rows[0]]),
+            slide_mpp,
+            mpp,
+            mpp,
+            record.get("width"),
+            record.get("height"),
+        )
         thumb = Path(unit.store) / "thumbnails" / f"{record['slide_id']}.png"
         if "://" not in str(unit.store) and thumb.is_file():
             job.thumbnail, job.thumbnail_scale = _png_thumbnail(thumb, record.get("width"))
@@ -311,13 +359,23 @@ class Pipeline:
                 "" if job.read_size == job.tile_size else ", resampled there"
             )
         else:
-            job.mode = (f"CPU reads (the device decoder differs from the slide reader by "
-                        f"{diff:.1f} grey levels on this slide)")  # fmt: skip
+            job.mode = (
+                f"CPU reads (the device decoder differs from the slide reader by "
+                f"{diff:.1f} grey levels on this slide)"
+            )
 
 
-def _coords_attrs(name: str, patch_size: int, patch_size_level0: int, level: int,
-                  level0_mpp: float | None, target_mpp: float | None, mpp: float | None,
-                  width: int | None, height: int | None) -> dict[str, Any]:  # fmt: skip
+def _coords_attrs(
+    name: str,
+    patch_size: int,
+    patch_size_level0: int,
+    level: int,
+    level0_mpp: float | None,
+    target_mpp: float | None,
+    mpp: float | None,
+    width: int | None,
+    height: int | None,
+) -> dict[str, Any]:
     """The ``coords`` attributes TRIDENT and CLAM read (see :mod:`scratchpath.embed.h5`)."""
     return {
         "patch_size": int(patch_size),

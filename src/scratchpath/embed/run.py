@@ -132,8 +132,12 @@ def embed(
     if decode not in ("auto", "device", "cpu"):
         raise ScratchpathError(f"--decode: auto, device or cpu, got {decode!r}")
     rank, world, local_rank = _cluster()
-    encoder = Encoder(model_dir, resolve_device(device, local_rank), precision=precision,
-                      features_dtype=features_dtype)  # fmt: skip
+    encoder = Encoder(
+        model_dir,
+        resolve_device(device, local_rank),
+        precision=precision,
+        features_dtype=features_dtype,
+    )
     stores = [str(p) for p in inputs if _is_store(p)]
     if stores and len(stores) != len(inputs):
         raise ScratchpathError("inputs: give slides or patch stores, not both in one run")
@@ -145,9 +149,14 @@ def embed(
     tiling = (
         {"source": "stores", "mpp": target}
         if stores
-        else {"source": "slides", "mpp": options.mpp, "tile_size": size,
-              "min_tissue": min_tissue, "assume_mpp": assume_mpp}
-    )  # fmt: skip
+        else {
+            "source": "slides",
+            "mpp": options.mpp,
+            "tile_size": size,
+            "min_tissue": min_tissue,
+            "assume_mpp": assume_mpp,
+        }
+    )
     run_info = {"encoder": encoder.provenance, "tiling": tiling}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,8 +172,17 @@ def embed(
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     bar = tqdm(total=len(mine), unit="slide", disable=not (progress and sys.stderr.isatty()))
-    runner = Pipeline(encoder, options, run_info, out, batch_size, workers, use_device, overwrite,
-                      store_mpp=target if stores else None)  # fmt: skip
+    runner = Pipeline(
+        encoder,
+        options,
+        run_info,
+        out,
+        batch_size,
+        workers,
+        use_device,
+        overwrite,
+        store_mpp=target if stores else None,
+    )
     outcomes: list[dict] = []
     try:
         for outcome in runner.run(mine):
@@ -177,8 +195,7 @@ def embed(
         bar.close()
         runner.close()
     _finish(out, run_info, world, rank)
-    return EmbedReport(str(out), outcomes, runner.n_tiles, time.perf_counter() - start, rank,
-                       world)  # fmt: skip
+    return EmbedReport(str(out), outcomes, runner.n_tiles, time.perf_counter() - start, rank, world)
 
 
 def _line(outcome: dict) -> str:
@@ -220,8 +237,12 @@ def _finish(out: Path, run_info: dict, world: int, rank: int) -> None:
         created = not dist.is_initialized()
         if created:
             env = _environments()[0]()
-            dist.init_process_group("gloo", init_method=f"tcp://{env.main_address}:"
-                                    f"{env.main_port}", rank=rank, world_size=world)  # fmt: skip
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://{env.main_address}:{env.main_port}",
+                rank=rank,
+                world_size=world,
+            )
         try:
             dist.barrier()
             if rank == 0:
@@ -263,8 +284,9 @@ def _store_units(stores: list[str]) -> list[Unit]:
         for index, record in enumerate(store.slides):
             if record.get("status", "ok") == "ok":
                 sid = str(record["slide_id"])
-                units.append(Unit(key=f"{path}#{index:09d}", slide_id=sid, store=path,
-                                  store_slide=index))  # fmt: skip
+                units.append(
+                    Unit(key=f"{path}#{index:09d}", slide_id=sid, store=path, store_slide=index)
+                )
     ids = Counter(u.slide_id for u in units)
     for u in units:
         if ids[u.slide_id] > 1:

@@ -66,8 +66,9 @@ class SlideTiles:
             if self.jpeg is None:
                 out = _empty((n, self.tile_size, self.tile_size, 3), self.pin)
                 array = out.numpy()
-                for i, tile in enumerate(iter_tiles(slide, self.level, self.read_size,
-                                                    self.tile_size, xy)):  # fmt: skip
+                for i, tile in enumerate(
+                    iter_tiles(slide, self.level, self.read_size, self.tile_size, xy)
+                ):
                     array[i] = tile
                 return HostBatch(first, n, tiles=out)
             corners = level_corners(xy, slide.levels[self.level].downsample)
