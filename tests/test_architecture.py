@@ -23,7 +23,9 @@ ALLOWED = {
     "backbones": set(),
     "objectives": {"backbones"},
     "export": {"backbones"},
-    "finetune": {"export", "store", "augment", "backbones"},
+    # embed: ingest's tiling of slides, stores, the export's load_backbone, data's EncodedTiles
+    "embed": {"slides", "tissue", "ingest", "store", "backbones", "export", "data"},
+    "finetune": {"export", "store", "augment", "backbones", "embed", "slides"},
     "callbacks": {"finetune", "store", "augment", "backbones"},
     "synthetic": set(),
 }
