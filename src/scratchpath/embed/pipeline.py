@@ -150,7 +150,6 @@ class Pipeline:
             plan_next()
             if job.status == "planned":
                 self._choose_decode(job)
-                job.started = time.perf_counter()
                 for first in range(0, job.n, self.batch_size):
                     n = min(self.batch_size, job.n - first)
                     yield "batch", job, self.pool.submit(job.source.read, first, n)
@@ -166,6 +165,8 @@ class Pipeline:
             return
         if job.status != "planned":
             return
+        if not job.started:  # the slide's time: from its first batch on the device
+            job.started = time.perf_counter()
         tiles = device_tiles(batch, self.encoder.device, job.read_size, job.tile_size)
         job.features.append(self.encoder(tiles))  # (B, D) on the device
 

@@ -109,7 +109,7 @@ def run_slide_evaluation(
     model: str | Path | None = None,
     embed_kwargs: dict[str, Any] | None = None,
     test_fraction: float = 0.3,
-    val_fraction: float = 0.25,
+    val_fraction: float = 0.3,
     repeats: int = 5,
     config: TrainConfig | None = None,
     seed: int = 0,
