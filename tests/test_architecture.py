@@ -22,7 +22,8 @@ ALLOWED = {
     "data": {"store", "views", "augment"},
     "backbones": set(),
     "objectives": {"backbones"},
-    "export": {"backbones"},
+    "eva_configs": set(),  # the eva section of the model card (export's)
+    "export": {"backbones", "eva_configs"},
     # embed: ingest's tiling of slides, stores, the export's load_backbone, data's EncodedTiles
     "embed": {"slides", "tissue", "ingest", "store", "backbones", "export", "data"},
     "finetune": {"export", "store", "augment", "backbones", "embed", "slides"},
