@@ -5,6 +5,7 @@ without eva's full-size check (tests/eva_helpers.py)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -63,11 +64,10 @@ def test_the_cards_crc_config_runs_in_eva_and_embeds_as_load_backbone(tmp_path, 
     with open(root / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["split"] for r in rows) == ["train"] * 9 + ["val"] * 9
-    model, cfg = load_backbone(export), export / "config.json"
     from eva.vision.data.transforms.common import ResizeAndCrop
-    import json
 
-    pcfg = json.loads(cfg.read_text())["pretrained_cfg"]
+    model = load_backbone(export)
+    pcfg = json.loads((export / "config.json").read_text())["pretrained_cfg"]
     transform = ResizeAndCrop(size=64, mean=pcfg["mean"], std=pcfg["std"])
     for row in rows[:3]:
         image = np.array(Image.open(data / "NCT-CRC-HE-100K" / row["origin"]).convert("RGB"))
@@ -76,3 +76,44 @@ def test_the_cards_crc_config_runs_in_eva_and_embeds_as_load_backbone(tmp_path, 
         with torch.no_grad():
             torch.testing.assert_close(stored.reshape(1, -1), model(x), atol=1e-5, rtol=0)
     assert "val/MulticlassAccuracy" in done.stdout, done.stdout[-2000:]
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_cards_camelyon16_config_builds_in_eva_with_this_backbone_and_tiling(
+    tmp_path, monkeypatch
+):
+    """eva's slide-level task, parsed and instantiated by eva's own CLI parser: the writer's
+    backbone embeds as load_backbone, the head is eva's ABMIL on this embedding size, and the
+    slides are cut at the export's µm/px and tile size."""
+    import jsonargparse
+    from eva.core import interface
+
+    export = make_export(tmp_path / "model", mpp=0.5, tile_size=224, input_size=64)
+    config = _card_config(export, "eva.vision.datasets.Camelyon16")
+    path = tmp_path / "camelyon16_small.yaml"
+    path.write_text(config.replace("eva.vision.datasets.Camelyon16", "eva_helpers.FewCamelyon16"))
+    root = tmp_path / "camelyon16"  # eva's layout, empty: nothing is read when instantiating
+    for folder in ("training/normal", "training/tumor", "testing/images"):
+        (root / folder).mkdir(parents=True)
+    (root / "testing" / "reference.csv").write_text("")
+    for key, value in {"DATA_ROOT": root, "EMBEDDINGS_ROOT": tmp_path / "e",
+                       "OUTPUT_ROOT": tmp_path / "logs"}.items():  # fmt: skip
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.syspath_prepend(str(TESTS))
+    args = ["predict_fit", "--config", str(path)]
+    parser = jsonargparse.capture_parser(
+        lambda: jsonargparse.CLI(
+            interface.Interface, parser_mode="omegaconf", fail_untyped=False, args=args
+        )
+    )
+    built = parser.instantiate_classes(parser.parse_args(args)).predict_fit
+    (writer,) = [c for c in built.trainer.callbacks if type(c).__name__.endswith("Writer")]
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(writer._backbone.eval()(x), load_backbone(export)(x))
+    head = built.model.head  # eva builds it anew for each of its N_RUNS
+    assert head["class_path"] == "eva.vision.models.networks.ABMIL"
+    assert int(head["init_args"]["input_size"]) == 96  # IN_FEATURES: this backbone's size
+    predict = built.data.datasets.predict
+    assert [d._split for d in predict] == ["train", "val", "test"]
+    assert {(d._target_mpp, d._width, d._height) for d in predict} == {(0.5, 224, 224)}
