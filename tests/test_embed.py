@@ -107,13 +107,17 @@ def test_embeddings_are_load_backbone_on_the_tiles_ingest_cuts(
 def test_the_device_path_decodes_jpeg_levels_and_reads_the_others_on_the_cpu(embedded) -> None:
     manifest = read_manifest(embedded["device"])
     assert manifest["n_slides"] == len(HE) and manifest["n_failed"] == 0
-    modes = {}
-    for name in HE:
+    read = {}
+    for name in [*HE, NDPI]:
         slide_id = Path(name).name.split(".")[0]
-        with h5py.File(embedded["device"] / f"{slide_id}.h5") as f:
-            modes[slide_id] = f["coords"].attrs["native_level"]
-    assert modes["CMU-1-Small-Region_derived_pyramid"]  # level 1 (0.998 µm/px) cut as is
-    assert not modes["CMU-1-Small-Region"]  # 0.499 µm/px resampled on the device
+        folder = embedded["ndpi-device" if name == NDPI else "device"]
+        read[slide_id] = read_slide(folder / f"{slide_id}.h5").provenance["source"]["read"]
+    on_device = "stored JPEG decoded on the device"
+    assert read["CMU-1-Small-Region"] == on_device + ", resampled there"  # 0.499 -> 1 µm/px
+    assert read["CMU-1-Small-Region_derived_pyramid"] == on_device  # its 0.998 µm/px level
+    assert read["TCGA-XK-AAJU-01A-01-TS1_small"] == on_device + ", resampled there"
+    assert read["TCGA-CR-7395-01A-01-TS1"].startswith("CPU reads")  # JPEG 2000
+    assert read["hamamatsu_fluorescence_DAPI"].startswith("CPU reads")  # NDPI stripes
 
 
 def test_device_area_resampling_matches_opencv_inter_area() -> None:

@@ -64,8 +64,8 @@ def feature_dim(model: nn.Module) -> int:
 def prepare_input(
     tiles: torch.Tensor,
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
     input_size: int | None = None,
 ) -> torch.Tensor:
     """Tiles ``(B, 3, H, W)`` on the 0..255 scale (uint8 or float, any device) -> the
@@ -82,6 +82,8 @@ def prepare_input(
         x = F.interpolate(
             x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True
         )
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    # mean/std may already be tensors on the device (embed keeps them there: building them
+    # from Python floats per batch would be a pageable copy, i.e. a host sync, per batch)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return (x - mean_t) / std_t

@@ -32,6 +32,12 @@ def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> to
     return device
 
 
+def use_device(device: torch.device) -> None:
+    """Make ``device`` this process's current GPU (nvJPEG handles, caching allocator)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 class Encoder:
     """An exported backbone ready to embed ``(B, 3, H, W)`` tiles on ``device``.
 
@@ -62,10 +68,13 @@ class Encoder:
         if features_dtype not in ("float32", "float16"):
             raise ScratchpathError(f"features_dtype: float32 or float16, got {features_dtype!r}")
         self.device, self.precision, self.features_dtype = device, precision, features_dtype
+        use_device(device)
         self.model = load_backbone(model_dir, device=device)
         pcfg = config["pretrained_cfg"]
         self.input_size = int(input_size or pcfg["input_size"][-1])
         self.mean, self.std = [float(v) for v in pcfg["mean"]], [float(v) for v in pcfg["std"]]
+        self._mean = torch.tensor(self.mean, dtype=torch.float32, device=device)  # once, not
+        self._std = torch.tensor(self.std, dtype=torch.float32, device=device)  # per batch
         prov = config.get("scratchpath") or {}
         self.export_mpp: float | None = prov.get("mpp")
         self.export_tile_size: int | None = prov.get("tile_size")
@@ -94,6 +103,6 @@ class Encoder:
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` tiles on the 0..255 scale, on the device -> ``(B, D)`` float32
         features on the device (no host synchronisation)."""
-        x = prepare_input(tiles, mean=self.mean, std=self.std, input_size=self.input_size)
+        x = prepare_input(tiles, mean=self._mean, std=self._std, input_size=self.input_size)
         with self._autocast():
             return self.model(x).float().flatten(1)

@@ -188,7 +188,7 @@ class Pipeline:
             features=features.astype(self.encoder.features_dtype, copy=False),
             coords=job.coords,
             coords_attrs=job.coords_attrs,
-            provenance={**self.run_info, "source": job.identity},
+            provenance={**self.run_info, "source": {**job.identity, "read": job.mode}},
             tissue_fraction=job.fractions,
             thumbnail=job.thumbnail,
             thumbnail_scale=job.thumbnail_scale,

@@ -20,6 +20,7 @@ slide), whatever the slide's size.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 
@@ -94,16 +95,13 @@ class SlideTiles:
         span = np.arange(r)
         rows = (corners[:, 1] - top * th)[:, None] + span  # (B, r)
         cols = (corners[:, 0] - left * tw)[:, None] + span
-        batch = HostBatch(
-            first,
-            len(corners),
-            encoded=encoded.pin_memory() if self.pin else encoded,
-            slots=torch.as_tensor(np.asarray(slots, np.int64).reshape(-1, 2)),
-            mosaic=shape,
-            rows=torch.from_numpy(rows),
-            cols=torch.from_numpy(cols),
-        )
-        return batch
+        index = [torch.as_tensor(np.asarray(slots, np.int64).reshape(-1, 2)),
+                 torch.from_numpy(rows), torch.from_numpy(cols)]  # fmt: skip
+        if self.pin:  # pinned: their copies to the device are asynchronous
+            encoded, index = encoded.pin_memory(), [t.pin_memory() for t in index]
+        slots_t, rows_t, cols_t = index
+        return HostBatch(first, len(corners), encoded=encoded, slots=slots_t, mosaic=shape,
+                         rows=rows_t, cols=cols_t)  # fmt: skip
 
 
 @dataclass
@@ -142,15 +140,19 @@ def device_tiles(
     when resampled there); asynchronous on CUDA."""
     if batch.tiles is not None:
         return batch.tiles.to(device, non_blocking=True).permute(0, 3, 1, 2)
-    decoded = batch.encoded.decode(device)  # (K, 3, th, tw) uint8
     if batch.slots is None:  # a store's tiles: decoded tiles are the tiles
-        return decoded
+        return batch.encoded.decode(device)  # (B, 3, T, T) uint8
     rows, cols = batch.mosaic
-    th, tw = decoded.shape[-2:]
-    mosaic = torch.full((3, rows, cols, th, tw), 255, dtype=torch.uint8, device=device)
-    slots = batch.slots.to(device, non_blocking=True)
-    mosaic[:, slots[:, 0], slots[:, 1]] = decoded.transpose(0, 1)  # (3, K, th, tw)
-    mosaic = mosaic.permute(0, 1, 3, 2, 4).reshape(3, rows * th, cols * tw)
+    if len(batch.encoded):
+        decoded = batch.encoded.decode(device)  # (K, 3, th, tw) uint8
+        th, tw = decoded.shape[-2:]
+        mosaic = torch.full((3, rows, cols, th, tw), 255, dtype=torch.uint8, device=device)
+        slots = batch.slots.to(device, non_blocking=True)
+        mosaic[:, slots[:, 0], slots[:, 1]] = decoded.transpose(0, 1)  # (3, K, th, tw)
+        mosaic = mosaic.permute(0, 1, 3, 2, 4).reshape(3, rows * th, cols * tw)
+    else:  # every tile the windows touch is missing from the file: white
+        span = int(batch.rows.max()) + 1, int(batch.cols.max()) + 1
+        mosaic = torch.full((3, *span), 255, dtype=torch.uint8, device=device)
     ys = batch.rows.to(device, non_blocking=True)
     xs = batch.cols.to(device, non_blocking=True)
     windows = mosaic[:, ys[:, :, None], xs[:, None, :]].transpose(0, 1)  # (B, 3, r, r)
@@ -159,11 +161,13 @@ def device_tiles(
     return windows
 
 
+@functools.lru_cache(maxsize=16)
 def area_matrix(source: int, target: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``(target, source)`` weights of area resampling along one axis: output pixel ``i``
     averages the input span ``[i·s, (i+1)·s)``, ``s = source / target``, each input pixel
     weighted by how much of it the span covers (what OpenCV's ``INTER_AREA`` computes when
-    shrinking, also for non-integer factors such as 257 -> 128)."""
+    shrinking, also for non-integer factors such as 257 -> 128). Cached: made on the device
+    once per (size, device), not copied there per batch."""
     scale = source / target
     edges = torch.arange(target + 1, dtype=torch.float64) * scale  # (target + 1,)
     left, right = edges[:-1, None], edges[1:, None]
