@@ -324,3 +324,13 @@ def test_inputs_mixing_slides_and_stores_are_refused(slides_dir, export, tmp_pat
     (tmp_path / "store" / "zarr.json").write_text("{}")
     with pytest.raises(ScratchpathError, match="slides or patch stores, not both"):
         embed([slides_dir / HE[0], tmp_path / "store"], export, tmp_path / "out")
+
+
+def test_cli_errors_are_one_line_with_exit_status_2(slides_dir, tmp_path, capsys) -> None:
+    from scratchpath.cli import main
+
+    status = main(["embed", str(slides_dir / HE[0]), "--model", str(tmp_path / "none"),
+                   "--out", str(tmp_path / "out")])  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert status == 2 and error.startswith("error: ") and "not a scratchpath export" in error
+    assert "\n" not in error
