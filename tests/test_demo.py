@@ -43,7 +43,7 @@ def test_demo_prints_one_line_per_step(demo):
 def test_demo_shows_live_pretraining_progress_under_its_step(demo):
     _, stdout = demo
     lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("[6/8] pretrain"))
+    start = next(i for i, line in enumerate(lines) if line.startswith("[6/9] pretrain"))
     below = lines[start + 1 : start + 5]  # --quick: 4 steps, a line each
     assert [line.split("(")[0].strip() for line in below] == [f"step {i}/4" for i in range(1, 5)]
     assert all(" loss " in line and " left " in line for line in below)

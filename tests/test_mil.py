@@ -181,3 +181,11 @@ def test_mean_pool_is_the_mean_of_the_real_tiles() -> None:
     torch.testing.assert_close(head(padded, mask), head(bag))
     expected = head.classifier(head.projector(bag).mean(dim=1))
     torch.testing.assert_close(head(bag), expected)
+
+
+@pytest.mark.slow
+def test_embeddings_of_another_model_are_refused(cohort, tmp_path) -> None:
+    labels, _, embeddings = cohort
+    other = make_export(tmp_path / "other", mpp=1.0, tile_size=TILE, seed=1)
+    with pytest.raises(ScratchpathError, match="embedded by another model"):
+        run_slide_evaluation(labels, tmp_path / "out", embeddings=embeddings, model=other)

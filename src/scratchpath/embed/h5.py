@@ -213,10 +213,13 @@ def _normal(value: Any) -> Any:
 def write_manifest(out: Path, run: dict[str, Any]) -> Path:
     """Rebuild ``<out>/manifest.json`` from the slide files and failure notes on disk
     (O(slides): only the attributes of each file are read)."""
-    slides = []
+    slides, stale = [], []
     for path in sorted(out.glob(f"*{SUFFIX}")):
         provenance = read_provenance(path)
         if provenance is None:
+            continue
+        if same_encoder(provenance, run) is not None:  # left by another encoder (--overwrite)
+            stale.append(path.name)
             continue
         source = provenance.get("source") or {}
         slides.append(
@@ -241,6 +244,7 @@ def write_manifest(out: Path, run: dict[str, Any]) -> Path:
         "n_failed": sum(s["status"] == "failed" for s in slides),
         "n_tiles": sum(int(s.get("n_tiles", 0)) for s in slides if s["status"] == "ok"),
         "slides": slides,
+        "other_encoder_files": stale,
     }
     with atomic_write(out / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, default=str) + "\n")

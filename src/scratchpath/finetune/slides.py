@@ -88,6 +88,8 @@ def resolve_bags(
         report = embed(files, model, embeddings, **(embed_kwargs or {}))
         if not report.ok:
             raise ScratchpathError(f"{labels_csv}: {report.failed[0]['reason']}")
+    if model is not None:
+        _check_encoder(model, [embeddings / f"{sid}.h5" for sid in ids])
     bags = []
     for row, sid in zip(rows, ids, strict=True):
         bags.append(
@@ -99,6 +101,22 @@ def resolve_bags(
             )
         )
     return bags, class_names
+
+
+def _check_encoder(model: str | Path, files: list[Path]) -> None:
+    """Every embeddings file must come from ``model`` (its weights' sha256)."""
+    from scratchpath.embed import read_provenance
+    from scratchpath.export import WEIGHTS_FILE
+    from scratchpath.files import file_sha256
+
+    expected = file_sha256(Path(model) / WEIGHTS_FILE)
+    for path in files:
+        provenance = read_provenance(path) or {}
+        if (provenance.get("encoder") or {}).get("export_sha256") != expected:
+            raise ScratchpathError(
+                f"{path}: embedded by another model than {model} (export sha256 differs); "
+                "use another --embeddings folder"
+            )
 
 
 def run_slide_evaluation(
