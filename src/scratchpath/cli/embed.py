@@ -20,8 +20,9 @@ of slides (their tiles, one file per slide of the store).
 
 Fast where the usual tools wait on their reader: worker threads read ahead of the GPU; where
 the level read is stored as JPEG tiles (SVS, most pyramidal TIFFs, DICOM) their bytes go to
-the GPU's JPEG decoder undecoded (checked against the CPU reader on each slide's first tile)
-and tiles are cut and resampled there; other levels (JPEG 2000, NDPI) are read on the CPU.
+the GPU's JPEG decoder undecoded (checked against the CPU reader on one tile of the first
+slide of each kind) and tiles are cut and resampled there; other levels (JPEG 2000, NDPI) are
+read on the CPU.
 
 Several GPUs: start one process per GPU with torchrun or srun; slides are split between the
 processes (sorted, every N-th), each uses cuda:LOCAL_RANK, and the last to finish writes the

@@ -107,6 +107,7 @@ class Pipeline:
         self.pin = encoder.device.type == "cuda"
         self.pool = ThreadPoolExecutor(workers, "embed-read") if workers > 0 else _Inline()
         self.n_tiles = 0
+        self._decoder_agrees: dict[tuple[str, str, str], float] = {}  # kind -> mean |diff|
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -340,20 +341,26 @@ class Pipeline:
     # -- the device decoder's self-check ---------------------------------------------------
     def _choose_decode(self, job: Job) -> None:
         """Give a slide's tiles to the device decoder when its level is stored as JPEG tiles
-        and the decoder cuts the slide's first tile as ``ingest`` reads it."""
+        and, for the first slide of each kind of JPEG stream (reader, vendor, colour coding),
+        the device cuts its first tile as ``ingest`` reads it (later slides of that kind are
+        trusted: no pixel of theirs is decoded on the CPU)."""
         source = job.source
         if not isinstance(source, SlideTiles) or not self.use_device:
             return
         with open_slide(source.path, assume_mpp=source.assume_mpp) as slide:
             grid = slide.jpeg_tiles(source.level)
+            kind = (slide.backend, slide.vendor, grid.colour if grid else "")
         if grid is None:
             job.mode = "CPU reads (level not stored as JPEG tiles)"
             return
-        candidate = replace(source, jpeg=grid, pin=False)
-        device = self.encoder.device
-        on_device = device_tiles(candidate.read(0, 1), device, job.read_size, job.tile_size)
-        reference = replace(source, pin=False).read(0, 1).tiles.permute(0, 3, 1, 2)
-        diff = float((on_device.float().cpu() - reference.float()).abs().mean())
+        if kind not in self._decoder_agrees:
+            candidate = replace(source, jpeg=grid, pin=False)
+            device = self.encoder.device
+            on_device = device_tiles(candidate.read(0, 1), device, job.read_size, job.tile_size)
+            reference = replace(source, pin=False).read(0, 1).tiles.permute(0, 3, 1, 2)
+            diff = float((on_device.float().cpu() - reference.float()).abs().mean())
+            self._decoder_agrees[kind] = diff
+        diff = self._decoder_agrees[kind]
         if diff <= DECODE_TOLERANCE:
             job.source = replace(source, jpeg=grid)
             job.mode = "stored JPEG decoded on the device" + (
@@ -361,8 +368,8 @@ class Pipeline:
             )
         else:
             job.mode = (
-                f"CPU reads (the device decoder differs from the slide reader by "
-                f"{diff:.1f} grey levels on this slide)"
+                f"CPU reads (the device decoder differs from the slide reader by {diff:.1f} "
+                f"grey levels on {'/'.join(kind)} JPEG tiles)"
             )
 
 

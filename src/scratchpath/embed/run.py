@@ -17,10 +17,11 @@ each rank the same ones. For each slide, in a pipeline:
 
 A slide whose file exists with the same encoder, tiling and source identity is skipped without
 being opened; a bad slide gets one line (and ``<out>/failed/<slide>.json``) and the others
-continue. Before a slide's JPEG tiles go to the device decoder, its first tile is cut both ways
-and compared (mean absolute difference ≤ :data:`DECODE_TOLERANCE` grey levels), so a decoder
-that reads a stream's colours otherwise (e.g. RGB-coded Aperio tiles) never silently changes
-the features: that slide is read on the CPU instead.
+continue. Before the JPEG tiles of the first slide of each kind (reader, vendor, colour coding)
+go to the device decoder, that slide's first tile is cut both ways and compared (mean absolute
+difference ≤ :data:`scratchpath.embed.pipeline.DECODE_TOLERANCE` grey levels), so a decoder that
+reads a kind of stream's colours otherwise (e.g. RGB-coded Aperio tiles) never silently changes
+the features: slides of that kind are read on the CPU instead.
 
 Cost: per tile, one window read (device path: the bytes of ~1.3 stored tiles) and one forward
 pass; per slide, one plan (thumbnail + mask), one device→host copy, one file. Nothing grows

@@ -41,6 +41,7 @@ class JpegTiles:
     tile_width: int
     rows: int  # tiles down
     cols: int  # tiles across
+    colour: str = "stream"  # "rgb", "ycbcr" (TIFF photometric) or as the stream's markers say
 
 
 # Adobe APP14 marker with transform 0: "the three components are R, G, B, no colour transform".

@@ -87,7 +87,8 @@ class TiffSlide(Slide):
             or page.bitspersample != 8
         ):
             return None
-        return JpegTiles(page.chunks[0], page.chunks[1], page.chunked[0], page.chunked[1])
+        colour = "rgb" if page.photometric == 2 else "ycbcr"
+        return JpegTiles(page.chunks[0], page.chunks[1], page.chunked[0], page.chunked[1], colour)
 
     def read_jpeg_tile(self, level: int, index: int) -> bytes | None:
         if self._tiff is None:
