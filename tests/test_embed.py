@@ -334,3 +334,23 @@ def test_cli_errors_are_one_line_with_exit_status_2(slides_dir, tmp_path, capsys
     error = capsys.readouterr().err.strip()
     assert status == 2 and error.startswith("error: ") and "not a scratchpath export" in error
     assert "\n" not in error
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tier: no CUDA device here")
+def test_on_cuda_nvjpeg_tiles_embed_as_the_cpu_reads_them(embedded, slides_dir, export, tmp_path):
+    """The device path on a GPU: stored JPEG tiles decoded by nvJPEG, cut and resampled on the
+    device, fp32 (nvJPEG's IDCT may differ from libjpeg-turbo by a grey level or two)."""
+    report = _embed(slides_dir, tmp_path, export, device="cuda", precision="fp32")
+    assert report.ok
+    for name in HE:
+        slide_id = Path(name).name.split(".")[0]
+        got, cpu = (
+            read_slide(tmp_path / f"{slide_id}.h5"),
+            read_slide(embedded["cpu"] / f"{slide_id}.h5"),
+        )
+        np.testing.assert_array_equal(got.coords, cpu.coords)
+        if name != HE[2]:  # the JPEG 2000 slide is read on the CPU
+            assert got.provenance["source"]["read"].startswith("stored JPEG decoded on the device")
+        scale = np.abs(np.asarray(cpu.features)).max()
+        assert np.abs(np.asarray(got.features) - np.asarray(cpu.features)).max() < 0.02 * scale
