@@ -150,7 +150,11 @@ class Pipeline:
             job: Job = plans.popleft().result()
             plan_next()
             if job.status == "planned":
-                self._choose_decode(job)
+                try:
+                    self._choose_decode(job)
+                except ScratchpathError as err:  # e.g. a damaged first tile
+                    job.fail(str(err))
+            if job.status == "planned":
                 for first in range(0, job.n, self.batch_size):
                     n = min(self.batch_size, job.n - first)
                     yield "batch", job, self.pool.submit(job.source.read, first, n)
