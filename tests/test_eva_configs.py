@@ -34,7 +34,8 @@ def _eva(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
     eva = Path(sys.executable).with_name("eva")
     pythonpath = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath, "N_RUNS": "1",
-           "N_DATA_WORKERS": "1", "ACCELERATOR": "cpu", "TQDM_REFRESH_RATE": "0",
+           "N_DATA_WORKERS": "0", "PREFETCH_FACTOR": "null",
+           "PERSISTENT_WORKERS": "false", "ACCELERATOR": "cpu", "TQDM_REFRESH_RATE": "0",
            "OMP_NUM_THREADS": "1", **env}  # fmt: skip
     return subprocess.run([str(eva), *command], capture_output=True, text=True, timeout=900,
                           env=env, cwd=cwd)  # fmt: skip

@@ -160,13 +160,19 @@ data:
       train:
         batch_size: &BATCH_SIZE ${{oc.env:BATCH_SIZE, 256}}
         num_workers: &N_DATA_WORKERS ${{oc.env:N_DATA_WORKERS, 4}}
+        prefetch_factor: &PREFETCH_FACTOR ${{oc.env:PREFETCH_FACTOR, 2}}
+        persistent_workers: &PERSISTENT_WORKERS ${{oc.env:PERSISTENT_WORKERS, true}}
         shuffle: true
       val:
         batch_size: *BATCH_SIZE
         num_workers: *N_DATA_WORKERS
+        prefetch_factor: *PREFETCH_FACTOR
+        persistent_workers: *PERSISTENT_WORKERS
       predict:
         batch_size: &PREDICT_BATCH_SIZE ${{oc.env:PREDICT_BATCH_SIZE, 64}}
         num_workers: *N_DATA_WORKERS
+        prefetch_factor: *PREFETCH_FACTOR
+        persistent_workers: *PERSISTENT_WORKERS
 """
 
 
@@ -281,16 +287,24 @@ data:
       train:
         batch_size: &BATCH_SIZE ${{oc.env:BATCH_SIZE, 32}}
         num_workers: &N_DATA_WORKERS ${{oc.env:N_DATA_WORKERS, 4}}
+        prefetch_factor: &PREFETCH_FACTOR ${{oc.env:PREFETCH_FACTOR, 2}}
+        persistent_workers: &PERSISTENT_WORKERS ${{oc.env:PERSISTENT_WORKERS, true}}
         shuffle: true
       val:
         batch_size: *BATCH_SIZE
         num_workers: *N_DATA_WORKERS
+        prefetch_factor: *PREFETCH_FACTOR
+        persistent_workers: *PERSISTENT_WORKERS
       test:
         batch_size: *BATCH_SIZE
         num_workers: *N_DATA_WORKERS
+        prefetch_factor: *PREFETCH_FACTOR
+        persistent_workers: *PERSISTENT_WORKERS
       predict:
         batch_size: &PREDICT_BATCH_SIZE ${{oc.env:PREDICT_BATCH_SIZE, 64}}
         num_workers: *N_DATA_WORKERS
+        prefetch_factor: *PREFETCH_FACTOR
+        persistent_workers: *PERSISTENT_WORKERS
 """
 
 
@@ -314,7 +328,7 @@ def eva_section(config: dict[str, Any]) -> str:
     registry = (
         f"eva's registry route (`MODEL_NAME=timm/{v['arch']} MODEL_EXTRA_KWARGS=...`) passes "
         "only `checkpoint_path` on to timm, so it cannot rebuild this backbone's `model_args` "
-        f"{json.dumps(kwargs)}: use the block below."
+        f"{json.dumps(kwargs)}: use the block above."
         if kwargs
         else "eva's registry route also works for this stock timm architecture: "
         f"`MODEL_NAME=timm/{v['arch']} MODEL_EXTRA_KWARGS="
@@ -331,7 +345,7 @@ backbone **under the embeddings writer** (`trainer.init_args.callbacks`:
 {backbone_block(config)}
 ```
 {registry}
-and set eva's variables to this export's values:
+Set eva's variables to this export's values:
 
 | variable | value | why |
 |---|---|---|
@@ -340,6 +354,8 @@ and set eva's variables to this export's values:
 | `NORMALIZE_MEAN` | `{v["mean"]}` | its training normalisation |
 | `NORMALIZE_STD` | `{v["std"]}` | |
 | `MODEL_NAME` | e.g. `{v["name"]}` | names the output folders only (the registry is not used) |
+| `PREFETCH_FACTOR` | `null` with `N_DATA_WORKERS=0` | added here: eva's configs pass both |
+| `PERSISTENT_WORKERS` | `false` with `N_DATA_WORKERS=0` | to torch, which refuses them alone |
 
 e.g. `IN_FEATURES={v["in_features"]} RESIZE_DIM={v["size"]} NORMALIZE_MEAN='{v["mean"]}' \
 NORMALIZE_STD='{v["std"]}' MODEL_NAME={v["name"]} eva predict_fit --config your_task.yaml`.
