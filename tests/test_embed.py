@@ -354,3 +354,18 @@ def test_on_cuda_nvjpeg_tiles_embed_as_the_cpu_reads_them(embedded, slides_dir, 
             assert got.provenance["source"]["read"].startswith("stored JPEG decoded on the device")
         scale = np.abs(np.asarray(cpu.features)).max()
         assert np.abs(np.asarray(got.features) - np.asarray(cpu.features)).max() < 0.02 * scale
+
+
+@pytest.mark.slow
+def test_a_store_cut_at_several_mpp_gives_the_exports_mpp(slides_dir, export, tmp_path) -> None:
+    store_dir = tmp_path / "store"
+    settings = {**RUN, "mpp": (0.5, 1.0)}
+    assert ingest([slides_dir / HE[1]], store_dir, progress=False, **settings).ok
+    store = PatchStore(store_dir)
+    report = embed([store_dir], export, tmp_path / "out", progress=False, log=lambda line: None)
+    assert report.ok  # the export was trained at 1 µm/px: those tiles, not the 0.5 µm/px ones
+    got = read_slide(tmp_path / "out" / "CMU-1-Small-Region_derived_pyramid.h5")
+    at_1 = np.abs(store.tiles["mpp"] - 1.0) < 0.05
+    assert len(got.coords) == at_1.sum() < len(store)
+    xy = np.stack([store.tiles["x"][at_1], store.tiles["y"][at_1]], 1)
+    np.testing.assert_array_equal(got.coords, xy)
