@@ -25,8 +25,11 @@ ALLOWED = {
     "data": {"store", "views", "augment"},
     "backbones": set(),
     "objectives": {"backbones"},
-    "export": {"backbones"},
-    "finetune": {"export", "store", "augment", "backbones"},
+    "eva_configs": set(),  # the eva section of the model card (export's)
+    "export": {"backbones", "eva_configs"},
+    # embed: ingest's tiling of slides, stores, the export's load_backbone, data's EncodedTiles
+    "embed": {"slides", "tissue", "ingest", "store", "backbones", "export", "data"},
+    "finetune": {"export", "store", "augment", "backbones", "embed", "slides"},
     "callbacks": {"finetune", "store", "augment", "backbones"},
     "synthetic": set(),
 }

@@ -34,6 +34,7 @@ COMMANDS = {
     "preview": "scratchpath.cli.preview",
     "fit": "scratchpath.cli.fit",
     "export": "scratchpath.cli.export",
+    "embed": "scratchpath.cli.embed",
     "eval": "scratchpath.cli.eval",
     "synth": "scratchpath.cli.synth",
     "demo": "scratchpath.cli.demo",
