@@ -536,7 +536,8 @@ def test_workers_outlive_the_stop_signals_a_scheduler_sends_to_every_process(
 
     loader = _datamodule(store_path, num_workers=2).train_dataloader()
     batches = iter(loader)
-    next(batches)
+    for _ in range(2):  # one batch from each worker: both have run their worker_init_fn
+        next(batches)
     for pid in [worker.pid for worker in batches._workers]:
         os.kill(pid, signal.SIGTERM)
         os.kill(pid, signal.SIGUSR1)
