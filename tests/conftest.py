@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# As `scratchpath.cli.main` does: albumentations would otherwise ask PyPI for a newer release.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

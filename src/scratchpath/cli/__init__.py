@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # albumentations asks PyPI for a newer release at import unless told not to: a network call
+    # at every start (and a warning on clusters without internet). Nothing here fetches at run time.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         if argv and argv[0] == "fit":
             # A stop signal (SLURM's --signal, SIGTERM) may come while torch is imported: it is
