@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from lightning.pytorch import Callback
 
 ENDED = (
     "COMPLETED",
@@ -249,3 +250,16 @@ PartitionName=tests Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             )
             raise RuntimeError(f"local SLURM cluster did not come up: {result.stderr} {logs}")
         time.sleep(0.5)
+
+
+class PacedSteps(Callback):
+    """Makes each training step last at least ``seconds`` (a sleep after it), so that a job
+    is still running when SLURM's time-limit warning comes, however fast the machine: the signal
+    comes 10-40 s after the job starts, and 150 unpaced smoke steps took under 20 s on CI's
+    machine. Sleeping changes no weight; jobs import it with the tests folder on PYTHONPATH."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: object) -> None:
+        time.sleep(self.seconds)

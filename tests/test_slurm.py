@@ -16,6 +16,7 @@ time) and the variables the scripts document are given. Without ``slurmctld`` (D
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -50,8 +51,12 @@ CPU_JOB = [
     "2G",
 ]
 # SLURM signals 10-40 s after the job starts (--time 1, SIGUSR1@50, time limits checked every
-# 30 s): the steps must take longer than that, ~1 minute on 2 idle cores (about 0.4 s a step).
+# 30 s): the steps must take longer than that on any machine, so the SLURM jobs pace each step
+# to at least 0.4 s (PACED): >= 60 s of steps after start-up.
 TRAIN_STEPS = 150
+PACED = "--trainer.callbacks=" + json.dumps(
+    [{"class_path": "slurm_helpers.PacedSteps", "init_args": {"seconds": 0.4}}]
+)
 TRAIN_ARGS = [
     "--trainer.callbacks=[]",  # no online evaluation: the smoke recipe's needs a second store
     "--data.batch_size",
@@ -159,12 +164,19 @@ def _weights(checkpoint_path: Path) -> dict[str, torch.Tensor]:
 def _train_job(
     slurm: LocalSlurm, submit_dir: Path, smoke_store: Path, *sbatch_args: str, steps: int
 ) -> int:
-    variables = {"RECIPE": str(RECIPES / "smoke_simclr.yaml"), "STORES": f"[{smoke_store}]"}
+    tests_dir = str(Path(__file__).parent)  # the jobs import slurm_helpers.PacedSteps
+    python_path = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
+    variables = {
+        "RECIPE": str(RECIPES / "smoke_simclr.yaml"),
+        "STORES": f"[{smoke_store}]",
+        "PYTHONPATH": python_path,
+    }
     return slurm.sbatch(
         *CPU_JOB,
         *sbatch_args,
         str(RECIPES / "slurm_train.sbatch"),
         *TRAIN_ARGS,
+        PACED,
         "--trainer.max_steps",
         str(steps),
         cwd=submit_dir,
