@@ -41,6 +41,7 @@ from torch import nn
 from scratchpath import __version__
 from scratchpath.backbones import create_backbone
 from scratchpath.errors import ScratchpathError
+from scratchpath.eva_configs import eva_section
 from scratchpath.files import file_sha256, readable_as_umask
 
 WEIGHTS_FILE = "model.safetensors"
@@ -315,21 +316,6 @@ def render_model_card(config: dict[str, Any]) -> str:
         for s in stores
     )
     kw = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-    extra = json.dumps({"checkpoint_path": "path/to/this/folder/model.safetensors"})
-    registry_lines = "\n".join(  # JSON values are YAML values
-        f"      {k}: {json.dumps(v)}" for k, v in {"num_classes": 0, **kwargs}.items()
-    )
-    if kwargs:
-        eva_registry = (
-            "(eva's registry route, `MODEL_NAME=timm/ARCH MODEL_EXTRA_KWARGS=...`, passes only "
-            "`checkpoint_path` on to timm, so it cannot rebuild this backbone's "
-            f"`model_args` {json.dumps(kwargs)}: use one of these YAML backbones)"
-        )
-    else:
-        eva_registry = (
-            "or, in any eva config whose backbone comes from eva's registry: "
-            f"`MODEL_NAME=timm/{arch} MODEL_EXTRA_KWARGS='{extra}'`"
-        )
     objective = prov.get("objective")
     sha = prov.get("git_sha")
     commit = f"git commit `{sha}`" if sha else "an unrecorded git commit (not run from a checkout)"
@@ -416,29 +402,7 @@ model = AutoModel.from_pretrained("path/to/this/folder").eval()
 x = torch.rand(2, 3, {size}, {size})
 embeddings = model(x).pooler_output
 ```
-With kaiko's eva, as the `backbone:` of a task config (e.g. a linear probe on frozen features; \
-`IN_FEATURES={config.get("num_features")}`, and transforms resizing to {size} px with the mean/std \
-above):
-```yaml
-backbone:
-  class_path: eva.vision.models.wrappers.TimmModel
-  init_args:
-    model_name: {arch}
-    checkpoint_path: path/to/this/folder/model.safetensors
-    model_kwargs:
-{registry_lines}
-```
-{eva_registry}
-or through scratchpath itself:
-```yaml
-backbone:
-  class_path: eva.core.models.wrappers.ModelFromFunction
-  init_args:
-    path: scratchpath.load_backbone
-    arguments:
-      model_dir: path/to/this/folder
-```
-"""
+{eva_section(config)}"""
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

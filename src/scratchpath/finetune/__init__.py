@@ -7,7 +7,9 @@ Public API (importable by downstream packages):
 - grouped splits: :func:`grouped_split`, :func:`split_store`;
 - Lightning: :class:`LinearProbe`, :class:`FineTune` (layer-wise LR decay),
   :class:`LabelledTileDataModule` and :class:`LabelledTiles`;
-- the ``scratchpath eval`` report: :func:`run_evaluation`, :func:`colour_histogram_features`.
+- the ``scratchpath eval`` report: :func:`run_evaluation`, :func:`colour_histogram_features`;
+- slide level (``scratchpath eval --slides``), on ``scratchpath embed``'s files: the heads
+  :class:`ABMIL` and :class:`MeanPool`, :func:`train_head`, :func:`run_slide_evaluation`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from scratchpath.finetune.splits import grouped_split, require_labels, split_sto
 # Lazy: Lightning (modules, data) and matplotlib (report) take seconds to import and the probe
 # math or `scratchpath eval` do not need them.
 _LAZY = {
+    "ABMIL": "scratchpath.finetune.mil",
+    "Bag": "scratchpath.finetune.mil",
+    "MeanPool": "scratchpath.finetune.mil",
+    "train_head": "scratchpath.finetune.mil",
+    "run_slide_evaluation": "scratchpath.finetune.slides",
     "FineTune": "scratchpath.finetune.modules",
     "LinearProbe": "scratchpath.finetune.modules",
     "LabelledTileDataModule": "scratchpath.finetune.data",
@@ -39,10 +46,13 @@ _LAZY = {
 }
 
 __all__ = [
+    "ABMIL",
+    "Bag",
     "FineTune",
     "LabelledTileDataModule",
     "LabelledTiles",
     "LinearProbe",
+    "MeanPool",
     "classification_metrics",
     "colour_histogram_features",
     "extract_features",
@@ -54,8 +64,10 @@ __all__ = [
     "rankme",
     "require_labels",
     "run_evaluation",
+    "run_slide_evaluation",
     "split_store",
     "tiles_to_tensor",
+    "train_head",
 ]
 
 
