@@ -23,7 +23,8 @@ restart marker or a marker allowed between scans; libjpeg-turbo stops at it with
 marker", nvJPEG is not known to). It costs ~2 % of a decode (``benchmarks/bench_codecs.py``:
 19 µs per 29 KB tile against 889 µs, on a loaded 2-core machine), O(bytes) per tile. A flipped
 bit that leaves a valid Huffman stream decodes to wrong pixels on every decoder and is caught by
-none: the store keeps no per-tile checksum.
+none; ``scratchpath verify`` (:mod:`scratchpath.store.verify`) finds it against the CRC-32C that
+each commit records per tile.
 """
 
 from __future__ import annotations
