@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from scratchpath.distributed import rank_and_world_size
 from scratchpath.errors import ScratchpathError
 from scratchpath.store import PatchStore
 
@@ -22,10 +23,10 @@ from scratchpath.store import PatchStore
 def agree_on_stores(store: PatchStore) -> PatchStore:
     """``store`` at rank 0's committed state on every rank (see the module docstring); the
     store itself when there is no process group of several ranks."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    rank, world = rank_and_world_size()
+    if world == 1:
         return store
-    rank, world = dist.get_rank(), dist.get_world_size()
+    dist = torch.distributed
     box = [store.state if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     state = tuple(tuple(s) for s in box[0])
