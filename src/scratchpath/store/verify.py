@@ -34,7 +34,7 @@ from scratchpath.errors import ScratchpathError
 from scratchpath.store import layout
 from scratchpath.store import table as tbl
 from scratchpath.store.codecs import TileCodec
-from scratchpath.store.reader import _OneStore
+from scratchpath.store.reader import _OneStore, _reason
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ def _decode_problem(codec: TileCodec, blob: bytes) -> str:
     try:
         tile = codec.decode(blob)
     except Exception as err:  # any decoder failure is damage, whatever the library raises
-        return f"does not decode ({type(err).__name__}: {err})"
+        return f"does not decode ({_reason(err)})"
     expected = (codec.tile_size, codec.tile_size, 3)
     if tuple(tile.shape) != expected:
         return f"decodes to shape {tuple(tile.shape)}, not {expected}"
