@@ -21,9 +21,10 @@ ALLOWED = {
     "views": {"augment"},
     "data": {"store", "views", "augment"},
     "backbones": set(),
-    "objectives": {"backbones"},
-    "export": {"backbones"},
-    "finetune": {"export", "store", "augment", "backbones"},
+    "weights": set(),
+    "objectives": {"backbones", "weights"},
+    "export": {"backbones", "weights"},
+    "finetune": {"export", "store", "augment", "backbones", "weights"},
     "callbacks": {"finetune", "store", "augment", "backbones"},
     "synthetic": set(),
 }
