@@ -32,6 +32,7 @@ COMMANDS = {
     "fit": "scratchpath.cli.fit",
     "export": "scratchpath.cli.export",
     "eval": "scratchpath.cli.eval",
+    "compare": "scratchpath.cli.compare",
     "synth": "scratchpath.cli.synth",
     "demo": "scratchpath.cli.demo",
 }

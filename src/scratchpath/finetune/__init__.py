@@ -7,7 +7,10 @@ Public API (importable by downstream packages):
 - grouped splits: :func:`grouped_split`, :func:`split_store`;
 - Lightning: :class:`LinearProbe`, :class:`FineTune` (layer-wise LR decay),
   :class:`LabelledTileDataModule` and :class:`LabelledTiles`;
-- the ``scratchpath eval`` report: :func:`run_evaluation`, :func:`colour_histogram_features`.
+- the ``scratchpath eval`` report: :func:`run_evaluation`, :func:`colour_histogram_features`;
+- ``scratchpath compare``: :func:`compare` (models and baselines on the same splits, paired
+  intervals against a reference) returning a :class:`Comparison`; :func:`resolve_model` (the
+  model specs both commands take).
 """
 
 from __future__ import annotations
@@ -35,16 +38,21 @@ _LAZY = {
     "LabelledTileDataModule": "scratchpath.finetune.data",
     "LabelledTiles": "scratchpath.finetune.data",
     "colour_histogram_features": "scratchpath.finetune.report",
+    "Comparison": "scratchpath.finetune.compare",
+    "compare": "scratchpath.finetune.compare",
+    "resolve_model": "scratchpath.finetune.models",
     "run_evaluation": "scratchpath.finetune.report",
 }
 
 __all__ = [
+    "Comparison",
     "FineTune",
     "LabelledTileDataModule",
     "LabelledTiles",
     "LinearProbe",
     "classification_metrics",
     "colour_histogram_features",
+    "compare",
     "extract_features",
     "fit_linear_probe",
     "grouped_split",
@@ -53,6 +61,7 @@ __all__ = [
     "linear_probe_eval",
     "rankme",
     "require_labels",
+    "resolve_model",
     "run_evaluation",
     "split_store",
     "tiles_to_tensor",
