@@ -83,7 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scratchpath.finetune.compare import PROBES, compare
+    from scratchpath.finetune.comparison import PROBES, compare
 
     comparison = compare(
         args.model,

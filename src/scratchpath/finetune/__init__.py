@@ -38,8 +38,8 @@ _LAZY = {
     "LabelledTileDataModule": "scratchpath.finetune.data",
     "LabelledTiles": "scratchpath.finetune.data",
     "colour_histogram_features": "scratchpath.finetune.report",
-    "Comparison": "scratchpath.finetune.compare",
-    "compare": "scratchpath.finetune.compare",
+    "Comparison": "scratchpath.finetune.comparison",
+    "compare": "scratchpath.finetune.comparison",
     "resolve_model": "scratchpath.finetune.models",
     "run_evaluation": "scratchpath.finetune.report",
 }
