@@ -4,6 +4,7 @@ a resume without the ``init`` argument, not from its EMA teacher."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from torch.utils.data import DataLoader
 
 from objective_helpers import TINY_VIT, one_torch_thread, real_views  # noqa: F401
 from scratchpath.backbones import create_backbone
+from scratchpath.cli import main
 from scratchpath.export import export_checkpoint, load_backbone, load_config
 from scratchpath.objectives import DINO, OBJECTIVES, SimCLR
+from scratchpath.store import import_tiles
 
 ARCH = "vit_tiny_patch16_224"
 
@@ -112,3 +115,24 @@ def test_load_backbone_prints_how_the_weights_began(weights_file, tmp_path, caps
     out = capsys.readouterr().out
     assert f"init continued from {weights_file.resolve()}" in out
     assert json.loads((tmp_path / "export" / "config.json").read_text())["scratchpath"]["init"]
+
+
+def test_eval_prints_the_init_of_a_continued_export(weights_file, tmp_path, tiles_dir, capsys):
+    source = tiles_dir / "lc25000_lung_224"
+    with open(source / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        for c in ("lung_aca", "lung_n"):
+            writer.writerows([[r["path"], r["label"]] for r in rows if r["label"] == c][:6])
+    import_tiles(source, tmp_path / "store", labels_csv=tmp_path / "labels.csv", tile_size=32)
+    first = _fit(SimCLR(backbone=ARCH, backbone_kwargs=TINY_VIT, init=str(weights_file),
+                        warmup_epochs=0), tmp_path / "run", steps=1)  # fmt: skip
+    export_checkpoint(first, tmp_path / "export")
+    capsys.readouterr()
+    code = main(["eval", "--model", str(tmp_path / "export"), "--data", str(tmp_path / "store"),
+                 "--split", "0.5", "--k", "3", "--linear-epochs", "2",
+                 "--out", str(tmp_path / "ev")])  # fmt: skip
+    assert code == 0
+    assert f"model init: continued from {weights_file.resolve()}" in capsys.readouterr().out

@@ -53,8 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        metavar="DIR|random:TIMM_NAME",
-        help="an export folder (scratchpath export) or random:NAME for a random-init timm model",
+        metavar="DIR|random:TIMM_NAME|timm:TIMM_NAME@FILE",
+        help="an export folder (scratchpath export), random:NAME for a random-init timm model, "
+        "or timm:NAME@FILE for a timm model started from a weights file (see compare --help)",
     )
     parser.add_argument(
         "--model-kwargs",
@@ -126,6 +127,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from scratchpath.finetune.report import format_table, run_evaluation
+    from scratchpath.weights import describe_init
 
     if args.data is not None and (args.train or args.test):
         raise ScratchpathError("--data: use either --data or --train/--test, not both")
@@ -155,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         f"{f' (first of {repeats} grouped splits; figures are means)' if repeats > 1 else ''}, "
         f"{len(metrics['class_names'])} classes, input {metrics['input_size'] or 'as stored'} px"
     )
+    print(f"model init: {describe_init(metrics.get('init'))}")
     print(format_table(metrics))
     if args.random_seeds > 1:
         seeds = metrics["random_init_seeds"]
