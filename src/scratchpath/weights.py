@@ -71,7 +71,7 @@ def is_from_scratch(record: dict[str, Any] | None) -> bool:
 def describe_init(record: dict[str, Any] | None) -> str:
     """One line saying how a backbone's weights began, following an export's own history."""
     if not isinstance(record, dict):
-        return "unrecorded (written by a scratchpath without init records)"
+        return "unrecorded (the file or folder does not say how its weights began)"
     if record.get("kind") == "scratch":
         return "from scratch (random initialisation)"
     if record.get("kind") != "file":
