@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     prov = config["scratchpath"]
     print(
         f"exported {prov['weights']} {config['architecture']} "
-        f"({config['num_features']}-d, {prov['objective']}, step {prov['global_step']}) "
+        f"({prov.get('embedding_dim') or config['num_features']}-d, {prov['objective']}, step {prov['global_step']}) "
         f"to {out}",
         flush=True,
     )

@@ -65,7 +65,7 @@ def render_model_card(config: dict[str, Any]) -> str:
         ),
         seen_before="" if scratch else " (and whatever its initial weights were trained on)",
         objective=prov.get("objective"),
-        num_features=config.get("num_features"),
+        num_features=prov.get("embedding_dim") or config.get("num_features"),
         weights=prov.get("weights"),
         global_step=prov.get("global_step"),
         commit=f"git commit `{sha}`"

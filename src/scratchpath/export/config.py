@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from scratchpath import __version__
+from scratchpath.backbones import feature_dim
 from scratchpath.files import file_sha256
 from scratchpath.weights import FORMAT_NAME, describe_init, is_from_scratch, pre_init_record
 
@@ -109,6 +110,7 @@ def build_config(
         "mpp": mpp,
         "tile_size": data.get("tile_size"),
         "normalisation_source": norm_source,
+        "embedding_dim": feature_dim(model),  # what model(x) gives (num_features is timm's)
         "stores": [
             {k: s.get(k) for k in ("path", "fingerprint", "n_tiles")}
             for s in stores
