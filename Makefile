@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 DATA   ?=
 OUT    ?= demo_output
 
-.PHONY: venv demo test lint format bench clean pretrain-cpu cpu-stores compare-cpu lock
+.PHONY: venv demo test test-container lint format bench clean pretrain-cpu cpu-stores compare-cpu \
+	lock gpu-check gpu-wheels
 
 # The virtualenv is (re)built whenever pyproject.toml or the lock changes.
 # constraints.txt is the lock: the exact versions of every package the tests ran with.
@@ -78,13 +79,30 @@ compare-cpu: pretrain-cpu
 test: venv
 	$(BIN)/python -m pytest -q tests
 
+## make test-container: build docker/Dockerfile on a local Debian base and run the image
+## (tests/test_container.py; root, a running Docker engine, ~15 GB of disk; CI runs it after make test)
+test-container: venv
+	SCRATCHPATH_CONTAINER_TESTS=1 $(BIN)/python -m pytest -q tests/test_container.py
+
+## make gpu-check [PYTHON=python3]: on one CUDA GPU, the CUDA tier (pytest -m cuda) and the GPU
+## benchmarks in <= 8 min -> one table + runs/gpu_check.json. No virtualenv: any python3 holding
+## torch, with src/ on the path (the lent GPU machine: README "The GPU check").
+GPU_CHECK_OUT ?= runs/gpu_check.json
+gpu-check:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
+
+## make gpu-wheels [PYTHON=...]: the cp312 wheels (.whl/) and real tiles (.gpu-data/) that
+## gpu-check needs on a machine without a package registry (both git-ignored)
+gpu-wheels:
+	PYTHON=$(PYTHON) bash scripts/gpu_wheels.sh
+
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docker
+	$(BIN)/ruff format --check src tests benchmarks docker
 
 format: venv
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks docker
+	$(BIN)/ruff check --fix src tests benchmarks docker
 
 bench: venv
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done

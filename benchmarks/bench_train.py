@@ -186,7 +186,8 @@ def flops_per_sample(model, batch, device: str) -> float:
     return counter.get_total_flops() / len(views[0])
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the device's defaults filled in (image size, precision, peak)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objectives", nargs="+", default=sorted(OBJECTIVES))
     parser.add_argument("--backbone", default="vit_tiny_patch16_224")
@@ -208,11 +209,18 @@ def main() -> None:
         default=None,
         help="device peak for MFU (default: 989 = H200 bf16 dense on CUDA)",
     )
-    parsed = parser.parse_args()
+    parsed = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parsed.image_size = parsed.image_size or (224 if device == "cuda" else 64)
     parsed.precision = "bf16-mixed" if device == "cuda" else "32-true"
-    peak = parsed.peak_tflops or (989.0 if device == "cuda" else None)
+    parsed.peak_tflops = parsed.peak_tflops or (989.0 if device == "cuda" else None)
+    return parsed
+
+
+def main() -> None:
+    parsed = parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = parsed.peak_tflops
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     data_root = Path(os.environ.get("SCRATCHPATH_TEST_DATA", "../shared/data"))
@@ -262,9 +270,15 @@ DINOV2_FULL = {
 }
 
 
-def full_size_dinov2(tiles: torch.Tensor, args: argparse.Namespace, peak: float) -> None:
+def full_size_dinov2(
+    tiles: torch.Tensor,
+    args: argparse.Namespace,
+    peak: float,
+    models: dict[str, str] = DINOV2_FULL,
+) -> dict[str, dict[str, float]]:
     """On a GPU: the real DINOv2 ViT-S/14 and ViT-B/14 (2 x 224 + 8 x 98 px crops, 65,536
-    prototypes, Sinkhorn-Knopp, bf16) through the framework: images/s and MFU."""
+    prototypes, Sinkhorn-Knopp, bf16) through the framework: images/s (all crops) and MFU,
+    printed and returned per model (``benchmarks/gpu_check.py`` runs ViT-S/14 alone)."""
     batch = args.dinov2_batch_size
     g = torch.Generator().manual_seed(0)
     batches = []
@@ -276,7 +290,8 @@ def full_size_dinov2(tiles: torch.Tensor, args: argparse.Namespace, peak: float)
     images = args.steps * batch * 10
     print(f"DINOv2 full size, bf16, batch {batch} x (2 x 224 + 8 x 98 px), 65,536 prototypes")
     print(f"{'model':<9} {'framework img/s':>16} {'plain img/s':>12} {'ratio':>6} {'MFU':>7}")
-    for label, backbone in DINOV2_FULL.items():
+    results = {}
+    for label, backbone in models.items():
 
         def model(backbone: str = backbone) -> L.LightningModule:
             torch.manual_seed(0)
@@ -296,6 +311,11 @@ def full_size_dinov2(tiles: torch.Tensor, args: argparse.Namespace, peak: float)
             f"{label:<9} {images / framework_s:>16.1f} {images / plain_s:>12.1f} "
             f"{plain_s / framework_s:>6.3f} {100 * mfu:>6.1f}%"
         )
+        results[label] = {
+            "framework_img_s": images / framework_s, "plain_img_s": images / plain_s,
+            "framework_over_plain": plain_s / framework_s, "mfu": mfu, "batch": batch,
+        }  # fmt: skip
+    return results
 
 
 if __name__ == "__main__":

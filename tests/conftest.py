@@ -2,6 +2,9 @@
 
 The data folder comes from ``SCRATCHPATH_TEST_DATA`` (default ``../shared/data`` beside the
 repository). A missing folder fails the run: tests never silently skip the real data.
+
+Tests marked ``cuda`` (the CUDA tier, ``tests/test_cuda.py``) run where CUDA is present and are
+skipped with the reason elsewhere, so that a run without a GPU reports them as not run.
 """
 
 from __future__ import annotations
@@ -11,7 +14,26 @@ from pathlib import Path
 
 import pytest
 
+# As `scratchpath.cli.main` does: albumentations would otherwise ask PyPI for a newer release.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    reason = pytest.mark.skip(
+        reason="CUDA tier: no CUDA device here (torch.cuda.is_available() is False); "
+        "not run, see `make gpu-check`"
+    )
+    for item in cuda_items:
+        item.add_marker(reason)
 
 
 def _data_root() -> Path:

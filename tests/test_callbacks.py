@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import os
 import signal
 from pathlib import Path
@@ -16,10 +17,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from scratchpath import distributed
 from scratchpath.callbacks import (
     AtomicCheckpointIO,
     OnlineEvaluation,
     PreemptionCheckpoint,
+    ProgressLog,
     Throughput,
 )
 from scratchpath.errors import ScratchpathError
@@ -178,6 +181,52 @@ def test_throughput_counts_every_view(tmp_path: Path) -> None:
         ratio = float(row["perf/images_per_s"]) / float(row["perf/samples_per_s"])
         assert ratio == pytest.approx(N_VIEWS)
         assert float(row["perf/peak_rss_gb"]) > 0.01
+
+
+class _LateEvent:
+    """The completion event of a loss copy that lands one step late."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def query(self) -> bool:
+        self.asked += 1
+        return self.asked > 1
+
+    def synchronize(self) -> None:
+        self.asked = 2
+
+
+def test_progress_line_is_printed_once_its_loss_has_landed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss of a line's step is copied without waiting: its line comes out at the first
+    step at which the copy has landed (here one step later), the last one at the end of the
+    run (waiting for it), and each with the loss of its own step."""
+    monkeypatch.setattr(distributed, "_completion_event", lambda device: _LateEvent())
+    printed: list[tuple[int, str]] = []  # (global step when printed, line)
+    trainer = _trainer(tmp_path, [], max_steps=6)
+
+    class Lines(io.StringIO):
+        def write(self, text: str) -> int:
+            if text.strip():
+                printed.append((trainer.global_step, text.strip()))
+            return len(text)
+
+    losses: dict[int, float] = {}
+
+    class LossesAt(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, idx):
+            losses[trainer.global_step] = float(outputs["loss"])
+
+    trainer.callbacks[:0] = [ProgressLog(every_n_steps=2, stream=Lines()), LossesAt()]
+    trainer.fit(_TinyObjective(), _loader())
+    assert [(at, line.split("  ")[0]) for at, line in printed] == [
+        (3, "step 2/6 (33%)"), (5, "step 4/6 (67%)"), (6, "step 6/6 (100%)"),
+    ]  # fmt: skip
+    for _, line in printed:
+        step = int(line.split()[1].split("/")[0])
+        assert line.split("  ")[1] == f"loss {losses[step]:.4f}"
 
 
 def test_preemption_signal_saves_last_checkpoint_and_stops(tmp_path: Path) -> None:

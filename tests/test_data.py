@@ -13,10 +13,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
-from scratchpath.data import DistributedBatchSampler, PatchDataModule, ViewBatches
+from scratchpath.data import BatchRequest, DistributedBatchSampler, PatchDataModule, ViewBatches
 from scratchpath.errors import ScratchpathError
 from scratchpath.store import PatchStore, StoreWriter
 from scratchpath.views import MultiCrop, TwoViews
+from scratchpath.views.params import N_PARAMS
 
 # Real LC25000 lung tiles grouped into "slides" of unequal size (the sizes make the tile count
 # not divisible by typical batch sizes); shards of 4 tiles, so a slide spans several shards.
@@ -418,7 +419,10 @@ def test_device_path_jpeg_workers_send_only_the_encoded_bytes(
 
     dm = _datamodule(store_path, views=TwoViews(output_size=32, device_augment=True))
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"encoded", "index"} and isinstance(batch["encoded"], EncodedTiles)
+    assert set(batch) == {"encoded", "index", "view_params"}
+    assert isinstance(batch["encoded"], EncodedTiles)
+    assert batch["view_params"].dtype == torch.float32  # the views' parameters, per tile
+    assert tuple(batch["view_params"].shape) == (2, 8, N_PARAMS)
     encoded = batch["encoded"]
     assert encoded.data.dtype == torch.uint8 and encoded.data.ndim == 1
     blobs = store.read_encoded_batch(batch["index"].numpy())
@@ -473,7 +477,7 @@ def test_device_path_lossless_store_decodes_in_the_workers(
     dm = _datamodule(path, views=MultiCrop(global_size=32, local_size=16, n_local_crops=2))
     dm.views.device_augment = True
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"tiles", "index"} and batch["tiles"].dtype == torch.uint8
+    assert set(batch) == {"tiles", "index", "view_params"} and batch["tiles"].dtype == torch.uint8
     np.testing.assert_array_equal(batch["tiles"].numpy(), lung_tiles[batch["index"].numpy()])
     shapes = [tuple(v.shape) for v in _transfer(dm, batch)]
     assert shapes == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 2
@@ -489,7 +493,7 @@ def test_views_path_is_resolved_from_the_trainer_device(store_path: Path) -> Non
 def test_workers_limit_opencv_and_torch_to_one_thread(store_path: Path) -> None:
     import cv2
 
-    from scratchpath.data.module import limit_worker_threads
+    from scratchpath.data.module import init_worker, limit_worker_threads
 
     before = (cv2.getNumThreads(), torch.get_num_threads())
     try:
@@ -499,14 +503,46 @@ def test_workers_limit_opencv_and_torch_to_one_thread(store_path: Path) -> None:
         cv2.setNumThreads(before[0])
         torch.set_num_threads(before[1])
     loader = _datamodule(store_path, num_workers=1).train_dataloader()
-    assert loader.worker_init_fn is limit_worker_threads and loader.persistent_workers
+    assert loader.worker_init_fn is init_worker and loader.persistent_workers
 
 
-def test_device_augmentation_is_seeded_per_batch(store_path: Path) -> None:
-    dm = _datamodule(store_path, views=TwoViews(output_size=32, device_augment=True))
-    batch = next(iter(dm.train_dataloader()))
-    once = _transfer(dm, batch)
-    assert all(torch.equal(a, b) for a, b in zip(once, _transfer(dm, batch), strict=True))
-    # The same pixels arriving as another batch (another first tile) get other augmentations.
-    as_other_batch = _transfer(dm, {**batch, "index": batch["index"].roll(1)})
-    assert not torch.equal(as_other_batch[0], once[0])
+def test_device_path_makes_the_cpu_path_views_of_each_tile(store_path: Path) -> None:
+    """Both paths draw a tile's parameters from (seed, epoch, tile): the same views, up to the
+    CPU path's rounding, whatever batch the tile is in; another epoch draws others."""
+    cpu = _datamodule(store_path, views=TwoViews(output_size=32, device_augment=False))
+    device = _datamodule(store_path, views=TwoViews(output_size=32, device_augment=True))
+    request = BatchRequest(1, np.array([5, 9, 2, 30]))
+    expected = cpu.views.on_device(ViewBatches(cpu.store, cpu.views, 0)[request]["views"])
+    dataset = ViewBatches(device.store, device.views, 0)
+    made = _transfer(device, dataset[request])
+    for a, b in zip(made, expected, strict=True):
+        difference = (device.views.denormalize(a).float() - cpu.views.denormalize(b).float()).abs()
+        assert difference.mean() < 1.5
+    # tile 9 alone, in another batch: its views do not depend on the batch
+    alone = _transfer(device, dataset[BatchRequest(1, np.array([9]))])
+    assert torch.equal(alone[0][0], made[0][1])
+    other_epoch = _transfer(device, dataset[BatchRequest(2, np.array([9]))])
+    assert not torch.equal(other_epoch[0][0], made[0][1])
+
+
+def test_workers_outlive_the_stop_signals_a_scheduler_sends_to_every_process(
+    store_path: Path,
+) -> None:
+    """SLURM signals every process of a job step (scancel: SIGTERM; --signal: SIGUSR1); the
+    training process stops the run, so its workers must still serve the batches until then."""
+    import os
+    import signal
+    import time
+
+    loader = _datamodule(store_path, num_workers=2).train_dataloader()
+    batches = iter(loader)
+    for _ in range(2):  # one batch from each worker: both have run their worker_init_fn
+        next(batches)
+    for pid in [worker.pid for worker in batches._workers]:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(1)  # let the signals arrive
+    for _ in range(2):  # torch's own handler would have ended them: "worker killed by signal"
+        assert len(next(batches)["index"]) > 0
+    assert all(w.is_alive() for w in batches._workers)
+    batches._shutdown_workers()

@@ -32,7 +32,7 @@ def demo(tmp_path_factory) -> tuple[Path, str]:
 def test_demo_prints_one_line_per_step(demo):
     _, stdout = demo
     steps = [line for line in stdout.splitlines() if line.startswith("[")]
-    assert [line.split("]")[0] + "]" for line in steps] == [f"[{i}/8]" for i in range(1, 9)]
+    assert [line.split("]")[0] + "]" for line in steps] == [f"[{i}/9]" for i in range(1, 10)]
     assert "demo finished" in stdout
     # closing lines: the one command for real tiles and what it measured
     assert "on real H&E: make pretrain-cpu" in stdout
@@ -43,12 +43,12 @@ def test_demo_prints_one_line_per_step(demo):
 def test_demo_shows_live_pretraining_progress_under_its_step(demo):
     _, stdout = demo
     lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("[6/8] pretrain"))
+    start = next(i for i, line in enumerate(lines) if line.startswith("[6/9] pretrain"))
     below = lines[start + 1 : start + 5]  # --quick: 4 steps, a line each
     assert [line.split("(")[0].strip() for line in below] == [f"step {i}/4" for i in range(1, 5)]
     assert all(" loss " in line and " left " in line for line in below)
     assert lines[start + 5].strip().startswith("final loss")
-    assert lines[start + 6].startswith("[7/8]")
+    assert lines[start + 6].startswith("[7/9]")
 
 
 @pytest.mark.slow
@@ -93,3 +93,20 @@ def test_demo_writes_the_pictures(demo):
         with Image.open(png) as image:
             pixels = np.asarray(image.convert("RGB"))
         assert pixels.std() > 5, f"{png} is blank"
+
+
+@pytest.mark.slow
+def test_demo_ends_with_one_slide_level_command_table_and_heatmap(demo):
+    out, stdout = demo
+    lines = stdout.splitlines()
+    step = next(i for i, line in enumerate(lines) if line.startswith("[9/9] slide level"))
+    assert lines[step + 1].strip().startswith("$ scratchpath eval --slides ")  # the one command
+    assert "ABMIL vs" in lines[step + 2] and "mean pooling" in lines[step + 2]
+    table = stdout.split("slide level (synthetic cohort")[1]
+    assert "abmil" in table and "mean_pool" in table and "AUC" in table
+    metrics = json.loads((out / "eval_slides" / "slide_metrics.json").read_text())
+    assert metrics["class_names"] == ["normal", "tumour"] and metrics["n_slides"] == 12
+    heatmaps = list((out / "eval_slides" / "heatmaps").glob("*.png"))
+    assert len(heatmaps) == 1 and str(heatmaps[0]) in stdout
+    with Image.open(heatmaps[0]) as image:
+        assert np.asarray(image.convert("RGB")).std() > 5

@@ -293,8 +293,13 @@ def test_signal_saves_checkpoint_and_resume_continues_at_its_step(
     assert f"stopped by {signal.Signals(signum).name}" in stderr
     assert not list(workdir.rglob("hpc_ckpt_*.ckpt"))  # not Lightning's mid-step checkpoint
     last = workdir / "runs/smoke_mae/checkpoints/last.ckpt"
-    stopped_at = torch.load(last, weights_only=True)["global_step"]
+    checkpoint = torch.load(last, weights_only=True)
+    stopped_at = checkpoint["global_step"]
     assert stopped_at >= 1
+    # The data position of that step (7 batches of 32 per epoch), not one written again when
+    # training ended, whose loops say the epoch is done.
+    position = checkpoint["PatchDataModule"]
+    assert (position["epoch"], position["batches_consumed"]) == divmod(stopped_at, 240 // 32)
 
     assert (
         run_fit(
@@ -342,3 +347,109 @@ def test_progress_line_format() -> None:
     assert log.line(10, 7200, 0.5, 3600.0).endswith(
         "360.00 s/step  elapsed 1:00:00  left 719:00:00"
     )
+
+
+def test_ckpt_path_last_without_a_checkpoint_fails_naming_the_folder(
+    workdir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Lightning only warns and trains from step 0; a requeued job that looks in the wrong
+    folder must not silently start over."""
+    status = main(["fit", "--config", str(RECIPES / "smoke_mae.yaml"), "--ckpt_path", "last"])
+    err = capfd.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    folder = workdir / "runs" / "smoke_mae" / "checkpoints"
+    assert err.startswith(f"error: --ckpt_path last: no last*.ckpt in {folder}; ")
+    assert "last-or-fresh" in err
+    assert not (workdir / "runs" / "smoke_mae" / "logs").exists()  # nothing trained
+
+
+def test_ckpt_path_that_does_not_exist_fails_in_one_line(
+    workdir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["fit", "--config", str(RECIPES / "smoke_mae.yaml"), "--ckpt_path", "x.ckpt"])
+    err = capfd.readouterr().err.strip()
+    assert status == 2 and err == "error: --ckpt_path: checkpoint not found: x.ckpt"
+
+
+def test_ckpt_path_last_or_fresh_starts_fresh_then_resumes(
+    workdir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "--config",
+        str(RECIPES / "smoke_mae.yaml"),
+        "--ckpt_path",
+        "last-or-fresh",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
+    assert run_fit([*argv, "--trainer.max_steps", "2"]) == 0
+    folder = workdir / "runs" / "smoke_mae" / "checkpoints"
+    assert f"no checkpoint in {folder}; starting fresh" in capfd.readouterr().err
+    assert run_fit([*argv, "--trainer.max_steps", "3"]) == 0
+    assert "starting fresh" not in capfd.readouterr().err
+    resumed = _losses(_metrics(workdir / "runs" / "smoke_mae", version=1))
+    assert [step for step, _ in resumed] == [2]  # continued at step 2, not from 0
+
+
+def test_checkpoints_are_ranked_by_the_online_probe_or_kept_by_age_never_by_loss() -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from scratchpath.callbacks import OnlineEvaluation
+    from scratchpath.cli.fit import default_model_checkpoint
+
+    periodic = default_model_checkpoint("runs/x", None)
+    assert (periodic.monitor, periodic.mode, periodic.save_top_k) == ("step", "max", 3)
+    assert periodic.save_last and periodic._every_n_train_steps == 1000
+    online = OnlineEvaluation.__new__(OnlineEvaluation)  # only its interval is read
+    online.every_n_steps = 25
+    best = default_model_checkpoint("runs/x", online)
+    assert (best.monitor, best.mode, best.save_top_k) == ("online/knn_acc", "max", 1)
+    assert isinstance(best, ModelCheckpoint) and best._every_n_train_steps == 25
+
+
+def test_a_stop_signal_during_setup_is_kept_until_the_first_step(workdir: Path) -> None:
+    """SLURM's --signal can come before training starts: the run must not die without a
+    checkpoint (SIGUSR1's default action) but stop after its first step, saved."""
+    process = subprocess.Popen(
+        _fit_command(
+            "--config",
+            str(RECIPES / "smoke_mae.yaml"),
+            "--ckpt_path",
+            "last-or-fresh",
+            "--trainer.max_steps",
+            "1000",
+        ),
+        cwd=workdir,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **FAKE_SLURM},
+    )
+    watchdog = threading.Timer(300, process.kill)
+    watchdog.start()
+    try:
+        for line in process.stderr:  # printed once the signal handlers are in place
+            if "starting fresh" in line:
+                break
+        os.kill(process.pid, signal.SIGUSR1)
+        stderr = process.stderr.read()
+        status = process.wait()
+    finally:
+        watchdog.cancel()
+    assert status == 128 + signal.SIGUSR1, stderr[-3000:]
+    assert "stopped by SIGUSR1 at step 1" in stderr
+    last = workdir / "runs/smoke_mae/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+
+
+def test_main_remembers_stop_signals_from_its_start_and_restores_the_handlers() -> None:
+    """`scratchpath fit` takes seconds to import torch: SIGUSR1 / SIGTERM must not kill it
+    then (their default action) but reach the run, which stops after its first step."""
+    from scratchpath.cli import _stop_signals_remembered
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with _stop_signals_remembered() as received:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert received == [signal.SIGUSR1, signal.SIGTERM]
+    assert signal.getsignal(signal.SIGUSR1) is before

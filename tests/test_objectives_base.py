@@ -9,10 +9,12 @@ import signal
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from timm.optim import Lars
 from torch.utils.data import DataLoader
 
 from objective_helpers import one_torch_thread  # noqa: F401
+from scratchpath.callbacks import PreemptionCheckpoint
 from scratchpath.errors import ScratchpathError
 from scratchpath.objectives import DINO, MAE, OBJECTIVES, DINOv2, MoCoV3, SimCLR
 from scratchpath.objectives.optim import cosine_ramp, warmup_cosine
@@ -185,6 +187,53 @@ def test_compile_keeps_state_dict_keys():
     assert set(module.state_dict()) == keys
 
 
+DINO_HEAD = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
+COMPILE_CASES = {
+    "simclr": lambda **kw: SimCLR(**TINY_VIT, **SMALL_HEAD, **kw),
+    "mocov3": lambda **kw: MoCoV3(**TINY_VIT, **SMALL_HEAD, **kw),
+    "dino": lambda **kw: DINO(**TINY_VIT, **DINO_HEAD, **kw),
+    "dinov2": lambda **kw: DINOv2(**TINY_VIT, **DINO_HEAD, **kw),
+    "mae": lambda **kw: MAE(**TINY_VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2, **kw),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(COMPILE_CASES))
+def test_compile_runs_the_backbones_compiled_for_every_objective(name, monkeypatch):
+    """``compile: true`` must compile what the objective runs: in one training step (dynamo with
+    the eager backend: graphs are captured, not optimised) dynamo captures frames, and every
+    transformer block of the student backbone, and of the EMA teacher where there is one, is
+    called through its compiled entry point (not bypassed by the objective's own token path)."""
+    from torch._dynamo.utils import counters
+
+    ran_compiled: set[int] = set()
+    original = torch.nn.Module.compile
+
+    def compile_eager(self: torch.nn.Module) -> None:
+        original(self, backend="eager")
+        entry = self._compiled_call_impl  # what Module.__call__ runs once compiled
+
+        def counted(*args, **kwargs):
+            ran_compiled.add(id(self))
+            return entry(*args, **kwargs)
+
+        self._compiled_call_impl = counted
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        module = COMPILE_CASES[name](compile=True, warmup_epochs=0)
+        fit(module, [synthetic_batch(4)], max_steps=1)
+        frames = counters["frames"]["ok"]
+    finally:
+        torch._dynamo.reset()
+    assert frames >= 1, f"{name}: dynamo captured no frame"
+    backbones = [module.backbone, getattr(module, "teacher_backbone", None)]
+    blocks = [block for vit in backbones if vit is not None for block in vit.blocks]
+    assert all(id(block) in ran_compiled for block in blocks)
+
+
 def test_objectives_registry_names_match_classes():
     assert {
         "simclr": SimCLR, "mocov3": MoCoV3, "dino": DINO, "dinov2": DINOv2, "mae": MAE,
@@ -211,8 +260,54 @@ def test_nonfinite_loss_is_seen_at_the_next_check_and_named_by_its_step():
     module = Diverging(**TINY_VIT, **SMALL_HEAD, warmup_epochs=0, nonfinite_check_every=3)
     with pytest.raises(ScratchpathError, match="step 2: loss is inf"):
         fit(module, [synthetic_batch(4)] * 20, max_steps=20)
-    # Copied after batch 3 (step 2), read at the start of the next: the run stops there.
-    assert seen_steps == [0, 1, 2]
+    # Decided at fixed steps (every 3): the reduction started after step 3 (holding step 2's
+    # loss) is read after step 6, on every rank alike, and the run stops there.
+    assert seen_steps == [0, 1, 2, 3, 4, 5]
+
+
+def test_no_checkpoint_is_written_with_nonfinite_weights(tmp_path):
+    """Loss NaN at step 2, a checkpoint every 4 steps, the non-finite check every 4: the save
+    at step 4 is refused (it would hold NaN weights, and ``--ckpt_path last`` would resume into
+    them), the run stops naming step 2, and the finite ``last.ckpt`` of before stays as it was."""
+
+    class Diverging(SimCLR):
+        def compute_loss(self, views):
+            loss = super().compute_loss(views)
+            return loss * float("nan") if self.global_step == 2 else loss
+
+    folder = tmp_path / "checkpoints"
+
+    def trainer(max_steps: int) -> L.Trainer:
+        every_4 = ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=4)
+        return L.Trainer(
+            accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path,
+            callbacks=[every_4, PreemptionCheckpoint()],
+        )  # fmt: skip
+
+    options = {**TINY_VIT, **SMALL_HEAD, "warmup_epochs": 0, "nonfinite_check_every": 4}
+    loader = DataLoader([synthetic_batch(4)] * 8, batch_size=None)
+    trainer(2).fit(SimCLR(**options), loader)  # finite: last.ckpt at step 2
+    last = folder / "last.ckpt"
+    finite = last.read_bytes()
+    with pytest.raises(ScratchpathError, match="step 2: loss is nan") as raised:
+        trainer(8).fit(Diverging(**options), loader, ckpt_path=last)  # resumed at step 2
+    assert "; the weights at step 4 are not finite, so no checkpoint is written; lower lr" in str(
+        raised.value
+    )
+    assert last.read_bytes() == finite
+    assert [p.name for p in folder.iterdir()] == ["last.ckpt"]
+
+
+def test_a_save_of_nonfinite_weights_is_refused_without_a_nonfinite_loss(tmp_path):
+    module = SimCLR(**TINY_VIT, **SMALL_HEAD)
+    trainer = fit(module, [synthetic_batch(4)], max_steps=1)
+    with torch.no_grad():
+        module.backbone.cls_token[0, 0, 0] = float("inf")
+    refused = "step 1: no non-finite loss; the weights at step 1 are not finite"
+    with pytest.raises(ScratchpathError, match=refused):
+        trainer.save_checkpoint(tmp_path / "inf.ckpt")
+    assert not list(tmp_path.iterdir())
 
 
 def test_nonfinite_check_every_must_be_positive():

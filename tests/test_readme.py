@@ -150,7 +150,7 @@ def test_every_python_snippet_runs_on_what_the_commands_made(
     monkeypatch.chdir(fresh_clone)
     export = fresh_clone / "models" / "smoke_dino"
     reference = scratchpath.load_backbone(export)
-    blocks = _blocks(_section("## Fine-tuning from Python", "## Running on GPUs"), "python")
+    blocks = _blocks(_section("## Fine-tuning from Python", "## From tiles to slides"), "python")
     assert len(blocks) == 3
     namespace: dict = {}
     for i, block in enumerate(blocks):
@@ -163,3 +163,26 @@ def test_every_python_snippet_runs_on_what_the_commands_made(
                 namespace["features"], namespace["embeddings"], atol=1e-5, rtol=0
             )
             assert namespace["patches"].shape[:2] == (3, reference.num_features)
+
+
+def test_slide_level_snippet_calls_the_api_as_it_is():
+    """The slide-level snippet needs slides and a trained export, so it is not run here (the
+    demo's step 9 runs the same calls); each call in it must still bind to the function's
+    signature, so a renamed function or argument fails here rather than in a user's hands."""
+    import ast
+    import inspect
+
+    (block,) = _blocks(_section("## From tiles to slides", "## Running on GPUs"), "python")
+    namespace: dict = {}
+    tree = ast.parse(block)
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            exec(compile(ast.Module([node], []), "README slide snippet", "exec"), namespace)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    assert {c.func.id for c in calls} == {"embed", "read_slide", "run_slide_evaluation"}
+    for call in calls:
+        signature = inspect.signature(namespace[call.func.id])
+        signature.bind(
+            *[ast.literal_eval(a) for a in call.args],
+            **{k.arg: ast.literal_eval(k.value) for k in call.keywords},
+        )

@@ -82,9 +82,10 @@ def test_default_jpeg_keeps_full_chroma_and_records_it(tmp_path, svs_tiles):
     assert psnr["jpeg:90:444"] >= 38.0 and psnr["jpeg:90:444"] > psnr["jpeg:90:420"] + 3.0
 
 
-def test_torchvision_decodes_444_tiles_like_imagecodecs(tmp_path, real_tiles):
+def test_torchcodec_decodes_444_tiles_like_imagecodecs(tmp_path, real_tiles):
+    # TorchCodec decodes the device path's JPEGs (scratchpath.data.decode)
     torch = pytest.importorskip("torch")
-    from torchvision.io import decode_jpeg
+    from torchcodec.decoders import decode_jpeg
 
     write_store(tmp_path / "s.zarr", real_tiles, "jpeg")
     store = PatchStore(tmp_path / "s.zarr")

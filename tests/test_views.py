@@ -1,5 +1,6 @@
 """View generators on real H&E tiles: shapes, seeding, pickling, the device path (geometry
-exactness, distributions against the CPU path, asymmetric DINO crops), recipe binding."""
+exactness, the same views as the CPU path at the same parameter draw, asymmetric DINO crops, no
+host sync or host-made tensor), recipe binding; and a test of the path-agreement check itself."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from scratchpath.augment import D4_ELEMENTS, d4_numpy, kernels
 from scratchpath.errors import ScratchpathError
 from scratchpath.views import MAEView, MultiCrop, TwoViews
+from scratchpath.views import params as P
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +106,7 @@ def test_two_views_of_one_tile_differ(tiles):
 
 def test_views_survive_pickling_with_identical_output(tiles):
     generator = MultiCrop(global_size=64, local_size=32, n_local_crops=2, device_augment=True)
-    generator.device_views(_batch(tiles[3:4]))  # creates a torch.Generator and cached constants
+    generator.device_views(_batch(tiles[3:4]))  # caches device constants
     clone = pickle.loads(pickle.dumps(generator))
     for a, b in zip(_views(generator, tiles[2], 4), _views(clone, tiles[2], 4), strict=True):
         assert torch.equal(a, b)
@@ -143,7 +146,8 @@ NO_COLOUR = dict(hed_strength=0.0, brightness=0.0, contrast=0.0, gamma=0.0, blur
     ids=["two", "multicrop", "mae"],
 )  # fmt: skip
 def test_device_views_of_every_kind_are_float_normalised_batches(generator, shapes, tiles):
-    out = generator.device_views(_batch(tiles[3:6]), torch.Generator().manual_seed(0))
+    generator.set_seed(0)
+    out = generator.device_views(_batch(tiles[3:6]))
     assert [tuple(v.shape) for v in out] == shapes
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in out)
     assert not torch.equal(out[0][0], out[0][1])  # other tiles
@@ -154,30 +158,24 @@ def test_device_full_crop_without_augmentation_is_the_tile(tiles):
     """A whole-tile crop resized to the tile size samples every pixel centre: the identity."""
     generator = TwoViews(output_size=224, crop_scale=(1.0, 1.0), d4=False, **NO_COLOUR)
     batch = _batch(tiles[3:5])
-    for view in generator.device_views(batch, torch.Generator().manual_seed(0)):
+    for view in generator.device_views(batch):
         assert torch.equal(generator.denormalize(view), batch)
 
 
-def test_device_d4_gives_each_of_the_eight_symmetries_exactly(tiles):
+def test_device_d4_gives_each_drawn_symmetry_exactly(tiles):
+    """A whole-tile crop with the drawn D4 element k is exactly element k of the tile (the
+    numbering of D4_ELEMENTS / A.D4), and all 8 elements occur."""
     generator = TwoViews(output_size=224, crop_scale=(1.0, 1.0), d4=True, **NO_COLOUR)
-    batch = _batch(tiles[3:4]).expand(64, -1, -1, -1)
-    views = generator.device_views(batch, torch.Generator().manual_seed(0))
-    tile = torch.from_numpy(tiles[3].copy()).permute(2, 0, 1)
-    from albumentations.core.type_definitions import d4_group_elements
-
-    from scratchpath.augment import _d4_one
-
-    symmetries = [_d4_one(tile, name) for name in d4_group_elements]
-    seen = set()
-    for view in torch.cat(views):
-        matches = [
-            i
-            for i, s in enumerate(symmetries)
-            if torch.equal(generator.denormalize(view[None])[0], s)
-        ]
-        assert len(matches) == 1
-        seen.add(matches[0])
-    assert seen == set(range(8))
+    batch = _batch(tiles[3:4]).expand(32, -1, -1, -1)
+    rngs = [np.random.default_rng(s) for s in range(32)]
+    params = generator.draw_params(rngs, (224, 224))
+    views = generator.device_views(batch, torch.from_numpy(params))
+    for v, view in enumerate(views):
+        for i in range(32):
+            element = int(params[v, i, P.D4])
+            expected = torch.from_numpy(d4_numpy(tiles[3], element)).permute(2, 0, 1)
+            assert torch.equal(generator.denormalize(view[i : i + 1])[0], expected), element
+    assert set(params[..., P.D4].astype(int).ravel()) == set(range(len(D4_ELEMENTS)))
 
 
 def test_device_micron_crops_use_the_store_resolution(tiles):
@@ -193,7 +191,8 @@ def test_device_micron_crops_use_the_store_resolution(tiles):
 def test_device_augmentations_change_the_views(tiles):
     generator = TwoViews(output_size=224, crop_scale=(1.0, 1.0), d4=False, device_augment=True)
     batch = _batch(tiles[3:4]).expand(8, -1, -1, -1)
-    out = generator.device_views(batch, torch.Generator().manual_seed(0))
+    generator.set_seed(0)
+    out = generator.device_views(batch)
     changed = [
         not torch.equal(generator.denormalize(o[i : i + 1]), batch[:1])
         for o in out
@@ -202,20 +201,86 @@ def test_device_augmentations_change_the_views(tiles):
     assert sum(changed) >= 12  # colour p 0.8, stain p 0.8, blur 0.5: almost every view changes
 
 
-def test_device_path_matches_cpu_path_in_distribution(tiles):
-    """Mean and spread of per-view channel means agree between the CPU path (albumentations,
-    per tile) and the device path (batched torch on whole tiles)."""
-    tile, n = tiles[0], 160
-    kwargs = dict(output_size=64, crop_scale=(0.3, 1.0), hed_strength=0.2, gray_p=0.2)
-    cpu, dev = TwoViews(**kwargs), TwoViews(**kwargs, device_augment=True)
-    cpu_means = torch.stack(
-        [v.float().mean((1, 2)) for seed in range(n // 2) for v in _views(cpu, tile, seed)]
-    )
-    out = dev.device_views(_batch([tile] * (n // 2)), torch.Generator().manual_seed(1))
-    dev_means = dev.denormalize(torch.cat(out)).float().mean((2, 3))
-    spread = cpu_means.std(0)
-    assert torch.all((cpu_means.mean(0) - dev_means.mean(0)).abs() < 0.35 * spread)
-    torch.testing.assert_close(dev_means.std(0), spread, rtol=0.3, atol=0)
+# Strong settings, so that a wrong device path shows: HED on every view, blur on half of them.
+AGREEMENT = dict(
+    output_size=64, crop_scale=(0.3, 1.0), hed_strength=0.3, stain_p=1.0, blur_p=0.5,
+    blur_sigma=(0.5, 2.0), gray_p=0.1, solarize_p=0.1,
+)  # fmt: skip
+
+
+def check_paths_agree(tiles: list[np.ndarray], seeds: range = range(4)) -> None:
+    """The device path's views equal the CPU path's at the same parameter draw (same tile,
+    same seed), up to the CPU path's rounding after each op: per view, mean |difference| below
+    1.5 grey levels and no pixel off by more than 6."""
+    cpu, device = TwoViews(**AGREEMENT, device_augment=False), TwoViews(**AGREEMENT)
+    samples = [(tile, seed) for tile in tiles for seed in seeds]
+    rngs = [np.random.default_rng(seed) for _, seed in samples]
+    params = device.draw_params(rngs, tiles[0].shape[:2])
+    made = device.device_views(_batch([t for t, _ in samples]), torch.from_numpy(params))
+    made = [device.denormalize(v).float() for v in made]
+    worst_mean, worst_pixel = 0.0, 0.0
+    for i, (tile, seed) in enumerate(samples):
+        cpu.set_seed(seed)
+        for v, view in enumerate(cpu(tile)):
+            difference = (made[v][i] - view.float()).abs()
+            worst_mean = max(worst_mean, float(difference.mean()))
+            worst_pixel = max(worst_pixel, float(difference.max()))
+    assert worst_mean < 1.5 and worst_pixel <= 6, (worst_mean, worst_pixel)
+
+
+def test_device_views_equal_cpu_views_at_the_same_draw(tiles):
+    check_paths_agree(tiles[3:9])
+
+
+DEVICE_MUTATIONS = {  # broken device paths: (kernel, how it is broken)
+    "hed-strength-x0.5": ("hed_jitter_float",
+                          lambda f: lambda x, a, b, *r: f(x, 1 + (a - 1) / 2, b / 2, *r)),
+    "blur-sigma-x4": ("gaussian_blur_float", lambda f: lambda x, s, m: f(x, s * 4, m * 4)),
+    "blur-never-applied": ("gaussian_blur_float", lambda f: lambda x, s, m: x.float()),
+    "d4-off": ("resized_crops", lambda f: lambda t, b, e, size: f(t, b, e * 0, size)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mutation", sorted(DEVICE_MUTATIONS))
+def test_path_agreement_check_fails_for_a_broken_device_path(mutation, tiles, monkeypatch):
+    """A test of the test above: each broken device path must make it fail."""
+    name, broken = DEVICE_MUTATIONS[mutation]
+    monkeypatch.setattr(kernels, name, broken(getattr(kernels, name)))
+    with pytest.raises(AssertionError):
+        check_paths_agree(tiles[3:9])
+
+
+def test_device_batch_transfer_makes_no_host_tensor_and_no_sync(tiles):
+    """With the parameters shipped in the (pinned) batch, building the views makes no tensor
+    from host data (``aten.lift_fresh``: on a GPU a pageable copy) and no sync; without them
+    (tools) the host draw shows up as such a tensor, so the count can fail."""
+    from scratchpath.data.module import PatchDataModule
+    from test_sync import SyncCounter
+
+    class Counter(SyncCounter):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.lift_fresh.default:
+                self.syncs["tensor from host data"] += 1
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    views = MultiCrop(32, 16, n_local_crops=2, device_augment=True)
+    dm = PatchDataModule(stores=["unused"], views=views)
+    stack = np.stack(tiles[3:7])
+    rngs = [np.random.default_rng(i) for i in range(len(stack))]
+    params = torch.from_numpy(views.draw_params(rngs, stack.shape[1:3]))
+
+    def batch(with_params: bool) -> dict:
+        made = {"tiles": torch.from_numpy(stack), "index": torch.arange(len(stack))}
+        return {**made, "view_params": params} if with_params else made
+
+    dm.on_after_batch_transfer(batch(True), 0)  # caches the device constants once
+    shipped, bare = batch(True), batch(False)
+    with Counter() as counter:
+        out = dm.on_after_batch_transfer(shipped, 0)
+    assert len(out["views"]) == 4 and dict(counter.syncs) == {}
+    with Counter() as counter:
+        dm.on_after_batch_transfer(bare, 0)
+    assert counter.syncs["tensor from host data"] >= 1
 
 
 def _sharpness(views: torch.Tensor) -> torch.Tensor:
@@ -238,7 +303,8 @@ def test_dino_asymmetric_global_crops_blur_one_and_solarise_the_other(path, tile
         first, second = (torch.stack([v[i] for v in per_tile]) for i in (0, 1))
     else:
         generator = MultiCrop(**kwargs, device_augment=True)
-        out = generator.device_views(_batch([tile] * n), torch.Generator().manual_seed(0))
+        generator.set_seed(0)
+        out = generator.device_views(_batch([tile] * n))
         first, second = (generator.denormalize(v) for v in out[:2])
     # Solarised: every pixel >= 128 was inverted (the device path's float 127.6 rounds to 128).
     assert int(second.max()) <= 128

@@ -1,7 +1,8 @@
 """scratchpath: self-supervised pretraining of vision backbones from scratch on H&E.
 
 Public API (stable): :class:`PatchStore`, :func:`load_backbone`, and the ``scratchpath.finetune``
-module. Everything else may change between versions.
+module (tile probes; slide-level heads ``ABMIL``, ``MeanPool``, ``run_slide_evaluation``) and
+``scratchpath.embed`` (``embed``, ``read_slide``). Everything else may change between versions.
 """
 
 from __future__ import annotations

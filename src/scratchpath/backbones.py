@@ -10,9 +10,12 @@ Weights are never downloaded: scratchpath trains from scratch.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from typing import Any
 
 import timm
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from scratchpath.errors import ScratchpathError
@@ -58,3 +61,31 @@ def feature_dim(model: nn.Module) -> int:
     pre-logits width, e.g. ``2 × num_features`` for a CNN with ``global_pool="catavgmax"``),
     else ``num_features``."""
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def prepare_input(
+    tiles: torch.Tensor,
+    *,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+    input_size: int | None = None,
+) -> torch.Tensor:
+    """Tiles ``(B, 3, H, W)`` on the 0..255 scale (uint8 or float, any device) -> the
+    normalised float32 ``(B, 3, S, S)`` a backbone takes.
+
+    ``mean``/``std`` are per RGB channel on the 0..1 scale. When ``input_size`` is given and
+    differs from the tile size, tiles are resized with bilinear interpolation (antialiased when
+    shrinking): the whole tile is seen at another µm/px, never cropped. This is the
+    preprocessing an export's ``pretrained_cfg`` states (``interpolation: bilinear``,
+    ``crop_pct: 1``); ``eval`` and ``embed`` both use it.
+    """
+    x = tiles.float() / 255.0
+    if input_size is not None and tuple(x.shape[-2:]) != (input_size, input_size):
+        x = F.interpolate(
+            x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True
+        )
+    # mean/std may already be tensors on the device (embed keeps them there: building them
+    # from Python floats per batch would be a pageable copy, i.e. a host sync, per batch)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t

@@ -27,6 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from scratchpath.distributed import CrossRankCheck, HostCopy, is_logging_step
 from scratchpath.errors import ScratchpathError
 from scratchpath.finetune import (
     extract_features,
@@ -231,6 +232,9 @@ class Throughput(L.Callback):
     loader (and in other callbacks). Memory: ``perf/max_cuda_memory_gb`` (peak allocated by
     torch) on CUDA, else ``perf/peak_rss_gb`` (peak resident memory of this process). No CUDA
     synchronisation is added: over a window, wall time between batch ends is the real rate.
+    The figures are Python numbers, kept on the host and logged on Lightning's logging steps
+    only (every ``log_every_n_steps``): a logged number becomes a device tensor, a blocking
+    host-to-device copy on a GPU, so logging them every step would cost five copies per step.
     """
 
     def __init__(self, window: int = 50) -> None:
@@ -260,6 +264,8 @@ class Throughput(L.Callback):
         views = batch["views"]
         images = sum(int(v.shape[0]) for v in views)
         self._batches.append((now - last, images, int(views[0].shape[0]), self._wait))
+        if not is_logging_step(trainer):
+            return
         seconds, images, samples, wait = (
             sum(column) for column in zip(*self._batches, strict=True)
         )
@@ -281,9 +287,11 @@ class ProgressLog(L.Callback):
         step 25/50 (50%)  loss 7.8123  2.41 steps/s  elapsed 0:10  left 0:10
 
     ``scratchpath fit`` adds it when the recipe turns Lightning's progress bar off (the smoke
-    recipes do). Rank zero only. Reads the loss once per printed line (one host sync every
-    ``every_n_steps`` steps, none in between); the rate is over the steps since training started
-    (or resumed), so ``left`` settles after the first lines.
+    recipes do). Rank zero only. The loss of a line's step is copied to the host without waiting
+    (:class:`~scratchpath.distributed.HostCopy`) and the line is printed once the copy has
+    landed, usually at the next step: printing never makes the host wait for the device (except
+    for the last line, at the end of training). The rate is over the steps since training
+    started (or resumed), so ``left`` settles after the first lines.
 
     Args:
         every_n_steps: print every this many steps (None: the trainer's ``log_every_n_steps``,
@@ -307,16 +315,20 @@ class ProgressLog(L.Callback):
         self._start: float | None = None
         self._start_step = 0
         self._last_line = 0.0
+        # the line waiting for its loss: (step, total, elapsed, loss copy or None)
+        self._pending: tuple[int, int | None, float, HostCopy | None] | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = self._last_line = time.perf_counter()
         self._start_step = trainer.global_step
+        self._pending = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         if not trainer.is_global_zero or self._start is None:
             return
+        self._print_landed(wait=False)
         step, now = trainer.global_step, time.perf_counter()
         total = _total_steps(trainer)
         every = self.every_n_steps or _default_every(trainer, total)
@@ -325,8 +337,25 @@ class ProgressLog(L.Callback):
         if step == self._start_step or not (due or late):
             return
         self._last_line = now
-        line = self.line(step, total, _loss_value(outputs), now - self._start)
-        print(line, file=self._out(), flush=True)
+        self._print_landed(wait=True)  # the device is a whole line behind: the older line first
+        loss = _loss_tensor(outputs)
+        copy = HostCopy(loss) if loss is not None else None
+        self._pending = (step, total, now - self._start, copy)
+        self._print_landed(wait=False)  # off CUDA the loss is on the host already
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print_landed(wait=True)
+
+    def _print_landed(self, wait: bool) -> None:
+        """Print the pending line once its loss is on the host (``wait``: wait for it)."""
+        if self._pending is None:
+            return
+        step, total, elapsed, copy = self._pending
+        if copy is not None and not wait and not copy.ready():
+            return
+        self._pending = None
+        loss = None if copy is None else float(copy.values().reshape(-1)[0])
+        print(self.line(step, total, loss, elapsed), file=self._out(), flush=True)
 
     def line(self, step: int, total: int | None, loss: float | None, elapsed: float) -> str:
         """The progress line for ``step`` of ``total`` after ``elapsed`` seconds."""
@@ -361,9 +390,9 @@ def _total_steps(trainer: L.Trainer) -> int | None:
     return int(total) if total and total != float("inf") else None
 
 
-def _loss_value(outputs: Any) -> float | None:
+def _loss_tensor(outputs: Any) -> torch.Tensor | None:
     loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    return float(loss.detach()) if isinstance(loss, torch.Tensor) else None
+    return loss.detach().float() if isinstance(loss, torch.Tensor) else None
 
 
 def _clock(seconds: float) -> str:
@@ -426,11 +455,15 @@ class PreemptionCheckpoint(L.Callback):
     its requeue signal.
 
     On one process the flag is looked at after every optimiser step (a Python variable: no
-    device work). On several, ranks must agree on the step: every ``check_every_n_steps`` steps
-    each rank starts a non-blocking all-reduce (max) of its flag and, on CUDA, a non-blocking copy
-    of the result to pinned host memory; the result is read at the next check, when it is long
-    complete, so the check never makes the CPU wait for the GPU's queue. All ranks then save and
-    stop at the same step, at most ``2 × check_every_n_steps`` steps after the signal.
+    device work). On several, ranks must agree on the step: the flag is a
+    :class:`~scratchpath.distributed.CrossRankCheck` (the mechanism of the non-finite-loss stop
+    too): every ``check_every_n_steps`` steps each rank starts a non-blocking all-reduce (max) of
+    its flag and, on CUDA, a non-blocking copy of the result to pinned host memory; the result is
+    read at the next check, when it is long complete, so the check never makes the CPU wait for
+    the GPU's queue. All ranks then save and stop at the same step, at most
+    ``2 × check_every_n_steps`` steps after the signal. With SIGTERM handled here, Lightning's
+    own per-step broadcast of its SIGTERM flag (a host-device synchronisation every step under
+    DDP) has nothing left to carry and is skipped for the run.
 
     It also makes all checkpoint writes of the run atomic (:class:`AtomicCheckpointIO`), and
     writes ``last.ckpt`` when training ends at ``max_steps`` mid-epoch, which ``ModelCheckpoint``
@@ -465,7 +498,8 @@ class PreemptionCheckpoint(L.Callback):
         self._step_at_batch_start = -1
         self._launcher: Any = None
         self._previous_handlers: dict[int, Any] = {}
-        self._in_flight: tuple[Any, torch.Tensor, Any] | None = None  # (work, host flag, event)
+        self._flag = CrossRankCheck(check_every_n_steps, host_value=True)
+        self._epoch_loop: Any = None  # whose SIGTERM broadcast is skipped during the run
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
@@ -480,12 +514,29 @@ class PreemptionCheckpoint(L.Callback):
             else None
         )
         self._launcher = getattr(trainer.strategy, "launcher", None)
+        self._flag = CrossRankCheck(self.check_every_n_steps, host_value=True)  # this run's
         for name in self.signals:
             signum = getattr(signal, name)
             if signum == slurm_requeue:
                 continue  # a hand-built Trainer with Lightning's auto-requeue keeps its own
             self._previous_handlers[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
+        if signal.SIGTERM in self._previous_handlers:
+            self._take_over_sigterm(trainer)
+
+    def _take_over_sigterm(self, trainer: L.Trainer) -> None:
+        """Lightning's SIGTERM flag can no longer be set (its handler is replaced), so its
+        per-step broadcast of that flag from rank 0 (``torch.tensor`` + broadcast + ``.item()``
+        every step under DDP) is skipped; a SIGTERM that came before this handler is taken
+        over, so that Lightning does not stop that rank alone."""
+        connector = getattr(trainer, "_signal_connector", None)
+        if getattr(connector, "received_sigterm", False):
+            self._pending = self._pending or int(signal.SIGTERM)
+            connector.received_sigterm = False
+        loop = trainer.fit_loop.epoch_loop
+        if callable(getattr(loop, "_broadcast_sigterm_tensor", None)):
+            loop._broadcast_sigterm_tensor = _no_sigterm_broadcast  # this run's loop only
+            self._epoch_loop = loop
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """Only remember the signal (and pass it on to the ranks this process launched, as
@@ -517,34 +568,11 @@ class PreemptionCheckpoint(L.Callback):
 
     def _stop_requested(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         """Whether every rank stops now (the same answer on all ranks; see the class docstring)."""
-        if trainer.world_size == 1:
-            return self._pending is not None
-        if trainer.global_step % self.check_every_n_steps:
+        result = self._flag.poll(trainer.global_step, lambda: [float(self._pending is not None)])
+        if result is None or not result[0]:
             return False
-        requested = False
-        if self._in_flight is not None:
-            work, host_flag, event = self._in_flight
-            work.wait()  # started N steps ago: already complete
-            if event is not None:
-                event.synchronize()  # the copy queued right after the all-reduce: done too
-            requested = bool(host_flag.item())  # a CPU tensor: no device synchronisation
-        self._in_flight = None if requested else self._start_flag_reduce(pl_module.device)
-        return requested
-
-    def _start_flag_reduce(self, device: torch.device) -> tuple[Any, torch.Tensor, Any]:
-        """A non-blocking all-reduce (max) of this rank's flag, copied to the host when done."""
-        on_cuda = device.type == "cuda" and torch.distributed.get_backend() == "nccl"
-        flag = torch.full(
-            (1,), float(self._pending is not None), device=device if on_cuda else "cpu"
-        )
-        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
-        if not on_cuda:
-            return work, flag, None
-        host_flag = torch.empty(1, pin_memory=True)
-        host_flag.copy_(flag, non_blocking=True)  # queued after the all-reduce on the stream
-        event = torch.cuda.Event()
-        event.record()
-        return work, host_flag, event
+        self._flag.pending()  # every rank stops here: complete the reduction started now
+        return True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         checkpoint = _model_checkpoint(trainer)
@@ -554,6 +582,7 @@ class PreemptionCheckpoint(L.Callback):
         )
         if self.received is None and not already and trainer.global_step > 0:
             self.save_last(trainer)
+        self._flag.pending()  # every rank ends here: complete the reduction in flight
         self._restore_handlers()
 
     def on_exception(
@@ -569,6 +598,9 @@ class PreemptionCheckpoint(L.Callback):
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
+        if self._epoch_loop is not None:
+            vars(self._epoch_loop).pop("_broadcast_sigterm_tensor", None)
+            self._epoch_loop = None
 
     def save_last(self, trainer: L.Trainer) -> str:
         """Save the full training state to ``last.ckpt`` (collective: call on every rank)."""
@@ -586,7 +618,18 @@ class PreemptionCheckpoint(L.Callback):
         get_filesystem(path).makedirs(os.path.dirname(path), exist_ok=True)
         trainer.save_checkpoint(path, weights_only=False)  # full state: optimizer, loops, data
         self.saved_path, self._saved_step = path, trainer.global_step
+        if checkpoint is not None:
+            # Saved at this step: else ModelCheckpoint.on_train_end (Lightning 2.6) writes last.ckpt
+            # again after the stop has closed the epoch, and the resumed run would start the next
+            # epoch's data mid-way instead of continuing this one.
+            checkpoint._last_global_step_saved = trainer.global_step
+            checkpoint._last_checkpoint_saved = path
         return path
+
+
+def _no_sigterm_broadcast() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast while PreemptionCheckpoint handles
+    SIGTERM (see :meth:`PreemptionCheckpoint._take_over_sigterm`)."""
 
 
 def _model_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:

@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -137,6 +137,8 @@ class SlidePlan:
     reason: str = ""
     grids: list[Grid] = field(default_factory=list)  # one per target µm/px the slide provides
     thumbnail_png: bytes = b""
+    thumbnail: np.ndarray | None = None  # plain RGB thumbnail, when asked for (keep_thumbnail)
+    thumbnail_scale: float = 0.0  # level-0 px per pixel of ``thumbnail``
 
     @property
     def n_tiles(self) -> int:
@@ -241,13 +243,18 @@ def tile_grids(slide: Slide, options: TilingOptions) -> tuple[list[Grid], list[s
 
 
 def plan_slide(
-    path: str, options: TilingOptions, complete: frozenset[str] | None = None
+    path: str,
+    options: TilingOptions,
+    complete: frozenset[str] | None = None,
+    keep_thumbnail: int = 0,
 ) -> SlidePlan:
     """Identify, open and tile one slide at every target µm/px (runs in a worker). Never
     raises for a bad slide.
 
     ``complete`` holds the fast identities of committed slides (default: the set the pool's
     initializer gave this worker); such a slide is skipped without being opened.
+    ``keep_thumbnail`` > 0 also keeps the plain thumbnail, at most that many px on its long
+    side, in ``plan.thumbnail`` (``embed`` stores it for attention heatmaps).
     """
     complete = _COMPLETE if complete is None else complete
     p = Path(path)
@@ -271,6 +278,8 @@ def plan_slide(
             size = int(np.clip(MASK_PX_PER_TILE * max(record["width"], record["height"])
                                / min(steps), THUMB_MIN, THUMB_MAX))  # fmt: skip
             thumb, scale = slide.thumbnail(size)
+            if keep_thumbnail > 0:
+                plan.thumbnail, plan.thumbnail_scale = _shrink(thumb, scale, keep_thumbnail)
             pen = pen_mask(thumb)
             mask = tissue_mask(thumb, pen)
             n_grid, shown = 0, None
@@ -300,23 +309,46 @@ def plan_slide(
     return plan
 
 
+def level_corners(xy: np.ndarray, downsample: float) -> np.ndarray:
+    """``(N, 2)`` corners, in pixels of the level read, of the tiles whose level-0 corners are
+    ``xy`` (the inverse of :func:`tile_grid`'s placement: exact for every tile it made)."""
+    return np.rint(np.asarray(xy, np.float64).reshape(-1, 2) / downsample).astype(np.int64)
+
+
+def iter_tiles(
+    slide: Slide, level: int, read_size: int, tile_size: int, xy: np.ndarray
+) -> Iterator[np.ndarray]:
+    """The ``(tile_size, tile_size, 3)`` uint8 tiles with level-0 corners ``xy``: a
+    ``read_size`` window of ``level``, area-downsampled to ``tile_size`` when they differ.
+    What ``ingest`` stores (before encoding) and ``embed`` embeds on its CPU path."""
+    import cv2
+
+    for x, y in level_corners(xy, slide.levels[level].downsample).tolist():
+        region = slide.read_region(level, x, y, read_size, read_size)
+        if read_size != tile_size:
+            region = cv2.resize(region, (tile_size, tile_size), interpolation=cv2.INTER_AREA)
+        yield region
+
+
+def _shrink(image: np.ndarray, scale: float, max_size: int) -> tuple[np.ndarray, float]:
+    """``image`` area-reduced to at most ``max_size`` px on its long side, and its new scale."""
+    import cv2
+
+    factor = max(image.shape[:2]) / max_size
+    if factor <= 1:
+        return image, scale
+    size = (max(1, round(image.shape[1] / factor)), max(1, round(image.shape[0] / factor)))
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return small, scale * image.shape[1] / size[0]
+
+
 def read_tiles(
     path: str, options: TilingOptions, level: int, read_size: int, xy: np.ndarray, codec
 ) -> list[bytes]:
     """Read, resample and encode the tiles with level-0 corners ``xy`` (runs in a worker)."""
-    import cv2
-
-    size = options.tile_size
     with open_slide(path, assume_mpp=options.assume_mpp) as slide:
-        downsample = slide.levels[level].downsample
-        blobs = []
-        for x0, y0 in xy:
-            x, y = round(x0 / downsample), round(y0 / downsample)
-            region = slide.read_region(level, x, y, read_size, read_size)
-            if read_size != size:
-                region = cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)
-            blobs.append(codec.encode(region))
-    return blobs
+        tiles = iter_tiles(slide, level, read_size, options.tile_size, xy)
+        return [codec.encode(tile) for tile in tiles]
 
 
 def render_thumbnail(

@@ -16,9 +16,13 @@ as one ``error: ...`` line and exits 2, with no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from scratchpath import __version__
 from scratchpath.errors import ScratchpathError
@@ -31,6 +35,7 @@ COMMANDS = {
     "preview": "scratchpath.cli.preview",
     "fit": "scratchpath.cli.fit",
     "export": "scratchpath.cli.export",
+    "embed": "scratchpath.cli.embed",
     "eval": "scratchpath.cli.eval",
     "compare": "scratchpath.cli.compare",
     "synth": "scratchpath.cli.synth",
@@ -71,11 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # albumentations asks PyPI for a newer release at import unless told not to: a network call
+    # at every start (and a warning on clusters without internet). Nothing here fetches at run time.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         if argv and argv[0] == "fit":
-            from scratchpath.cli import fit
+            # A stop signal (SLURM's --signal, SIGTERM) may come while torch is imported: it is
+            # remembered from here on and fit saves and stops at its first step.
+            with _stop_signals_remembered() as received:
+                from scratchpath.cli import fit
 
-            return fit.run_fit(argv[1:])
+                return fit.run_fit(argv[1:], early_signals=received)
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
@@ -88,6 +99,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _stop_signals_remembered() -> Iterator[list[int]]:
+    """Record SIGTERM / SIGUSR1 instead of dying of them (their default action), until the
+    block ends; the signal numbers received are in the yielded list."""
+    received: list[int] = []
+    numbers = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+    found = {signum: signal.signal(signum, _append_to(received)) for signum in numbers}
+    try:
+        yield received
+    finally:
+        for signum, handler in found.items():
+            signal.signal(signum, handler)
+
+
+def _append_to(received: list[int]) -> Callable[[int, Any], None]:
+    return lambda signum, frame: received.append(signum)
 
 
 if __name__ == "__main__":

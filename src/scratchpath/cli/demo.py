@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import csv
 import io
+import json
 import os
 import sys
 import time
@@ -31,6 +32,9 @@ Run the whole scratchpath pipeline once, on CPU, with nothing to download:
   7. export the backbone (model.safetensors + config.json)
   8. evaluate it by kNN and linear probe next to the same ViT randomly initialised and a
      colour-histogram baseline (grouped train/test split)
+  9. slide level: a synthetic cohort (a slide is "tumour" when it holds a small tumour focus)
+     embedded tile by tile and classified by ABMIL next to mean pooling, in one command
+     (scratchpath eval --slides): one table, one attention heatmap
 
 Each step prints one line (pretraining also a progress line every few steps: step / total,
 loss, rate, time left); training output goes to OUT/logs/fit.log. A second run into the same
@@ -38,11 +42,14 @@ folder reuses the slides, tiles and stores and trains again. Default: a few minu
 --quick: a smaller version (under a minute) that checks the installation.
 """
 
-# Demo sizes: (slides, slide px, labelled tiles per class, pretraining steps, batch, probe epochs)
+# Demo sizes: (slides, slide px, labelled tiles per class, pretraining steps, batch, probe
+# epochs; slide-level cohort: slides, px at 1 µm/px, tumour focus radius µm, repeats, epochs)
 DEFAULT = {"slides": 4, "size": (4096, 3072), "per_class": 80, "steps": None, "batch": None,
-           "linear_epochs": 100}  # fmt: skip
+           "linear_epochs": 100, "cohort": 16, "cohort_size": 768, "focus_um": 100.0,
+           "mil_repeats": 3, "mil_epochs": 40}  # fmt: skip
 QUICK = {"slides": 2, "size": (1536, 1536), "per_class": 16, "steps": 4, "batch": 16,
-         "linear_epochs": 10}  # fmt: skip
+         "linear_epochs": 10, "cohort": 12, "cohort_size": 512, "focus_um": 80.0,
+         "mil_repeats": 1, "mil_epochs": 5}  # fmt: skip
 # The same pipeline on real H&E tiles (../shared/data beside the repository): the one command and
 # what it measured (docs/cpu_pretraining.md has the search and the protocol).
 REAL_TILES_COMMAND = "make pretrain-cpu"
@@ -195,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     slides_source = None if args.slides is None else str(args.slides.resolve())
     _claim_output(out, {"quick": args.quick, "seed": args.seed, "slides": slides_source})
     started = time.perf_counter()
-    progress = _Progress(total=8)
+    progress = _Progress(total=9)
     slides = _slides_step(progress, args, sizes, out)
     labels_csv = _tiles_step(progress, args, sizes, out)
     pretrain_store = _ingest_step(progress, slides, out, args.assume_mpp)
@@ -204,8 +211,9 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = _fit_step(progress, args, sizes, recipe, pretrain_store, out)
     model_dir = _export_step(progress, checkpoint, out)
     metrics = _eval_step(progress, args, sizes, model_dir, labelled_store, out)
+    slide_table, heatmap = _slide_level_step(progress, args, sizes, model_dir, out)
     _summary(out, model_dir, metrics, preview_png, pretrain_store, time.perf_counter() - started,
-             real_slides=args.slides is not None)  # fmt: skip
+             real_slides=args.slides is not None, slide_level=(slide_table, heatmap))  # fmt: skip
     return 0
 
 
@@ -394,8 +402,59 @@ def _eval_step(progress: _Progress, args, sizes: dict, model_dir: Path, store: P
     return metrics
 
 
+def _slide_level_step(progress: _Progress, args, sizes: dict, model_dir: Path, out: Path):
+    """The slide-level step: a labelled synthetic cohort, then one ``eval --slides`` command
+    (printed under the step); returns its table and heatmap."""
+    import shlex
+    import shutil
+
+    from scratchpath.cli import main
+    from scratchpath.synthetic import write_cohort
+
+    cohort, report = out / "cohort", out / "eval_slides"
+    size, n = sizes["cohort_size"], sizes["cohort"]
+    shutil.rmtree(report, ignore_errors=True)  # its embeddings belong to this run's model
+    title = f"slide level: {n} labelled slides, ABMIL vs mean pooling -> {report}"
+    with progress(title) as detail, progress.lines_below() as terminal:
+        labels = write_cohort(
+            cohort, n, size=(size, size), mpp=STORE_MPP, focus_um=sizes["focus_um"], seed=args.seed
+        )
+        command = [
+            "eval",
+            "--slides",
+            str(labels),
+            "--model",
+            str(model_dir),
+            "--out",
+            str(report),
+            "--repeats",
+            str(sizes["mil_repeats"]),
+            "--mil-epochs",
+            str(sizes["mil_epochs"]),
+            "--heatmaps",
+            "1",
+            "--seed",
+            str(args.seed),
+        ]
+        terminal.write(f"$ scratchpath {shlex.join(command)}\n")
+        with (
+            contextlib.redirect_stdout(io.StringIO()) as said,
+            contextlib.redirect_stderr(io.StringIO()) as errors,
+        ):  # the table is shown at the end; embed's per-slide lines are not
+            status = main(command)
+        if status != 0:
+            why = errors.getvalue().strip().splitlines()[-1:] or [f"exit status {status}"]
+            raise ScratchpathError(f"scratchpath {shlex.join(command)}: {why[0]}")
+        metrics = json.loads((report / "slide_metrics.json").read_text())
+        abmil, mean = metrics["results"]["abmil"], metrics["results"]["mean_pool"]
+        detail.append(f"AUC {abmil['auc']:.2f} ABMIL vs {mean['auc']:.2f} mean pooling")
+    table = said.getvalue().strip().rsplit("\nreport:", 1)[0]
+    return table, (metrics["heatmaps"] or [None])[0]
+
+
 def _summary(out: Path, model_dir: Path, metrics: dict, preview_png: Path, store: Path,
-             seconds: float, *, real_slides: bool) -> None:  # fmt: skip
+             seconds: float, *, real_slides: bool,
+             slide_level: tuple[str, str | None]) -> None:  # fmt: skip
     from scratchpath.finetune.report import format_table
 
     print()
@@ -403,6 +462,8 @@ def _summary(out: Path, model_dir: Path, metrics: dict, preview_png: Path, store
     if real_slides:
         print("note: pretrained on your slides, evaluated on the synthetic labelled tiles "
               "(your slides carry no labels)")  # fmt: skip
+    slide_table, heatmap = slide_level
+    print(f"\nslide level (synthetic cohort, {out / 'eval_slides'}):\n{slide_table}")
     eval_dir = out / "eval"
     thumbnails = sorted((store / "thumbnails").glob("*.png"))
     minutes, secs = divmod(round(seconds), 60)
@@ -411,6 +472,8 @@ def _summary(out: Path, model_dir: Path, metrics: dict, preview_png: Path, store
     print(f"  metrics   {eval_dir / 'metrics.json'}")
     print(f"  pictures  {preview_png}")
     print(f"            {eval_dir / 'confusion_matrix.png'}, {eval_dir / 'embedding_pca.png'}")
+    if heatmap:
+        print(f"            {heatmap} (ABMIL attention on a slide of the cohort)")
     if thumbnails:
         print(f"            {store / 'thumbnails'}/*.png ({len(thumbnails)} slide thumbnails "
               "with the kept tiles outlined)")  # fmt: skip

@@ -46,7 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "      --data lung.zarr --split 0.3 --group-column group --out ev\n"
             "  scratchpath eval --model runs/cpu_pretrain/export --data ebhi.zarr --split 0.4 \\\n"
             "      --repeats 5 --group-column case_id --random-seeds 3 --out ev\n"
-            "      # mean of 5 grouped 60/40 splits; random_init the mean of 3 twins"
+            "      # mean of 5 grouped 60/40 splits; random_init the mean of 3 twins\n"
+            "  scratchpath eval --slides cohort/labels.csv --model EXPORT --repeats 5 --out ev\n"
+            "      # slide level: embeds the slides (or reuses --embeddings), ABMIL vs mean pool"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -122,13 +124,71 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "random_init baseline (default 1; one init can land several points off another)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    _add_slide_arguments(parser)
     parser.set_defaults(run=run)
+
+
+def _add_slide_arguments(parser: argparse.ArgumentParser) -> None:
+    slides = parser.add_argument_group(
+        "slide level (--slides): ABMIL vs mean pooling on tile embeddings (scratchpath embed)"
+    )
+    slides.add_argument(
+        "--slides",
+        metavar="LABELS_CSV",
+        help="CSV with slide (file, relative to the CSV, or slide id), label and optional "
+        "patient columns; uses --split, --repeats (patient-grouped), --seed, --device",
+    )
+    slides.add_argument(
+        "--embeddings",
+        metavar="DIR",
+        help="embedding files (scratchpath embed); slides missing there are embedded with "
+        "--model first (default: OUT/embeddings)",
+    )
+    slides.add_argument(
+        "--mil-epochs", type=int, default=100, metavar="N", help="MIL epochs (100; eva's)"
+    )
+    slides.add_argument(
+        "--heatmaps",
+        type=int,
+        default=8,
+        metavar="N",
+        help="attention heatmaps of the first N test slides, positives first (8)",
+    )
+
+
+def _run_slides(args: argparse.Namespace) -> int:
+    from scratchpath.finetune.mil import TrainConfig
+    from scratchpath.finetune.slides import format_slide_table, run_slide_evaluation
+
+    if args.data or args.train or args.test:
+        raise ScratchpathError("--slides: give --slides or --data/--train/--test, not both")
+    if args.model.startswith("random:"):
+        raise ScratchpathError("--slides: --model must be an export folder (it embeds slides)")
+    metrics = run_slide_evaluation(
+        args.slides,
+        args.out,
+        embeddings=args.embeddings,
+        model=args.model,
+        embed_kwargs={"device": args.device, "progress": False},
+        test_fraction=args.split,
+        repeats=args.repeats,
+        config=TrainConfig(epochs=args.mil_epochs),
+        seed=args.seed,
+        heatmaps=args.heatmaps,
+        device=args.device,
+    )
+    print(format_slide_table(metrics))
+    shown = f", heatmaps/ ({len(metrics['heatmaps'])})" if metrics["heatmaps"] else ""
+    print(f"report: {args.out}/slide_metrics.json{shown}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from scratchpath.finetune.report import format_table, run_evaluation
     from scratchpath.weights import describe_init
 
+    if args.slides is not None:
+        return _run_slides(args)
     if args.data is not None and (args.train or args.test):
         raise ScratchpathError("--data: use either --data or --train/--test, not both")
     if args.data is None and not (args.train and args.test):

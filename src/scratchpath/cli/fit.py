@@ -5,7 +5,8 @@ A run is a YAML recipe plus command-line overrides of any field::
     scratchpath fit --config recipes/smoke_dino.yaml
     scratchpath fit --config recipes/dino_vits16.yaml --trainer.max_epochs 50 \\
         --data.stores '[/data/tcga_store]' --data.batch_size 128
-    scratchpath fit --config recipes/dino_vits16.yaml --ckpt_path last      # resume
+    scratchpath fit --config recipes/dino_vits16.yaml --ckpt_path last      # resume (must exist)
+    scratchpath fit --config recipes/dino_vits16.yaml --ckpt_path last-or-fresh   # job scripts
     scratchpath fit --config recipes/dino_vits16.yaml --print_config        # resolved recipe
     scratchpath fit --model dino --model.backbone vit_tiny_patch16_224 --data.stores '[store]' \\
         --data.views scratchpath.views.MultiCrop
@@ -19,8 +20,11 @@ What this module adds to LightningCLI: method aliases (``--model dino``), one-li
 unknown method / timm model / missing store before any worker starts, ``precision`` chosen for the
 hardware when the recipe leaves it empty (bf16-mixed on GPU, 32-true on CPU), default CSV +
 TensorBoard loggers in ``<default_root_dir>/logs/version_N``, checkpoints in
-``<default_root_dir>/checkpoints`` (``last.ckpt`` + the best by online kNN accuracy, else by
-loss), throughput logging, a plain progress line every ``log_every_n_steps`` steps when the
+``<default_root_dir>/checkpoints`` (``last.ckpt`` plus the best by online kNN accuracy when the
+run evaluates online, else the newest periodic ones: an SSL loss does not rank models),
+``--ckpt_path last`` that fails naming the folder when there is nothing to resume
+(``last-or-fresh`` starts fresh instead), throughput logging, a plain progress line every
+``log_every_n_steps`` steps when the
 recipe turns the progress bar off (step / total, loss, rate, time left), preemption-safe
 checkpoints (SIGTERM / SIGUSR1 saved at an optimiser-step boundary; under SLURM, Lightning's
 auto-requeue is turned off and ``recipes/slurm_train.sbatch`` requeues on exit status 138), and
@@ -52,6 +56,9 @@ from scratchpath.objectives import OBJECTIVES, SSLObjective
 
 ENV_PREFIX = "SCRATCHPATH_FIT"
 DEFAULT_CHECKPOINT_EVERY_N_STEPS = 1000
+# Periodic checkpoints kept besides last.ckpt when no online evaluation ranks them (the newest).
+DEFAULT_PERIODIC_CHECKPOINTS_KEPT = 3
+LAST, LAST_OR_FRESH = "last", "last-or-fresh"
 
 
 def class_path(cls: type) -> str:
@@ -91,7 +98,8 @@ class ScratchpathCLI(LightningCLI):
                     f"may come from the environment ({ENV_PREFIX}_DATA__STORES='[/data/a]'). "
                     "Methods: "
                     + ", ".join(f"--model {name}" for name in sorted(OBJECTIVES))
-                    + ". Resume with --ckpt_path last."
+                    + ". Resume with --ckpt_path last (an error if there is no checkpoint) or "
+                    "--ckpt_path last-or-fresh (start fresh if there is none: job scripts)."
                 ),
                 "default_env": True,
                 "env_prefix": ENV_PREFIX,
@@ -113,8 +121,10 @@ class ScratchpathCLI(LightningCLI):
             type=str | None,
             default=None,
             help=(
-                "Resume from this checkpoint, or 'last' for the newest last.ckpt in "
-                "<trainer.default_root_dir>/checkpoints (nothing there: start fresh)."
+                "Resume from this checkpoint file; 'last': the newest last*.ckpt in "
+                "<trainer.default_root_dir>/checkpoints, an error naming that folder if there is "
+                "none; 'last-or-fresh': the same, but start a fresh run if there is none (for "
+                "job scripts whose first run has no checkpoint yet)."
             ),
         )
 
@@ -160,7 +170,7 @@ class ScratchpathCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         # Recorded in every checkpoint by SSLObjective.on_save_checkpoint (provenance).
-        self.trainer.scratchpath_config = self.parser.dump(self.config, skip_none=False)
+        self.trainer.scratchpath_config = self.parser.dump(self.config, skip_unset=False)
 
 
 def check_config(config: Any) -> None:
@@ -204,22 +214,54 @@ def default_loggers(root: str) -> list[Any]:
 
 
 def default_model_checkpoint(root: str, online: OnlineEvaluation | None) -> ModelCheckpoint:
-    """``last.ckpt`` plus the best checkpoint: by online kNN accuracy when the run has online
-    evaluation (saved right after each evaluation), else by training loss."""
+    """``last.ckpt`` plus, when the run has online evaluation, the best checkpoint by online kNN
+    accuracy (``best-step*.ckpt``, saved right after each evaluation); without it, the newest
+    ``DEFAULT_PERIODIC_CHECKPOINTS_KEPT`` periodic ones (``step*.ckpt``, every
+    ``DEFAULT_CHECKPOINT_EVERY_N_STEPS`` steps). A self-supervised loss is not a model-quality
+    ranking (a collapsed DINO or a trivial MAE can have the lowest), so nothing is "best" by it."""
     if online is not None:
-        monitor, mode, every = "online/knn_acc", "max", online.every_n_steps
-    else:
-        monitor, mode, every = "train/loss", "min", DEFAULT_CHECKPOINT_EVERY_N_STEPS
+        filename, monitor, mode, keep = "best-step{step:08d}", "online/knn_acc", "max", 1
+        every = online.every_n_steps
+    else:  # "step" is always among the monitored values: keeps the newest ones
+        filename, monitor, mode = "step{step:08d}", "step", "max"
+        keep, every = DEFAULT_PERIODIC_CHECKPOINTS_KEPT, DEFAULT_CHECKPOINT_EVERY_N_STEPS
     return ModelCheckpoint(
         dirpath=os.path.join(root, "checkpoints"),
-        filename="best-step{step:08d}",
+        filename=filename,
         monitor=monitor,
         mode=mode,
         save_last=True,
-        save_top_k=1,
+        save_top_k=keep,
         every_n_train_steps=every,
         auto_insert_metric_name=False,
     )
+
+
+def resolve_ckpt_path(value: str | None, checkpoint_dir: str) -> str | None:
+    """The checkpoint ``--ckpt_path VALUE`` resumes from (None: a fresh run).
+
+    ``last`` / ``last-or-fresh``: the newest ``last*.ckpt`` in ``checkpoint_dir`` (Lightning's
+    rule). With none there, ``last`` is an error naming the folder (Lightning would only warn and
+    train from step 0, e.g. when a job starts in another working directory than the run's), and
+    ``last-or-fresh`` starts a fresh run, saying so. A local file path must exist.
+    """
+    if value is None:
+        return None
+    if value not in (LAST, LAST_OR_FRESH):
+        if "://" not in value and not Path(value).is_file():
+            raise ScratchpathError(f"--ckpt_path: checkpoint not found: {value}")
+        return value
+    folder = Path(checkpoint_dir).absolute()
+    found = sorted(folder.glob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
+    if found:
+        return str(found[-1])
+    if value == LAST:
+        raise ScratchpathError(
+            f"--ckpt_path last: no last*.ckpt in {folder}; use --ckpt_path last-or-fresh to "
+            "start a fresh run when there is none"
+        )
+    print(f"--ckpt_path last-or-fresh: no checkpoint in {folder}; starting fresh", file=sys.stderr)
+    return None
 
 
 def _check_backbone(model_config: Any) -> None:
@@ -281,10 +323,17 @@ def _model_argument(argv: list[str]) -> str | None:
     return None
 
 
-def run_fit(argv: list[str], *, progress_stream: TextIO | None = None) -> int:
+def run_fit(
+    argv: list[str],
+    *,
+    progress_stream: TextIO | None = None,
+    early_signals: list[int] | None = None,
+) -> int:
     """Run ``scratchpath fit ARGV``; returns the exit status (``128 + signal`` when preempted).
     ``progress_stream``: where the progress lines go (default stderr; the demo sends them to the
-    terminal while the rest of the output goes to its log)."""
+    terminal while the rest of the output goes to its log). ``early_signals``: stop signals
+    received before this call (``scratchpath.cli.main`` records them from its start); they and
+    any received later make the run save and stop at its first optimiser-step boundary."""
     try:
         cli = ScratchpathCLI(args=expand_method_alias(argv), progress_stream=progress_stream)
     except ArgumentError as error:
@@ -293,8 +342,23 @@ def run_fit(argv: list[str], *, progress_stream: TextIO | None = None) -> int:
         return int(done.code or 0)
     trainer = cli.trainer
     preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
+    checkpoint = trainer.checkpoint_callback
+    folder = getattr(checkpoint, "dirpath", None) or os.path.join(
+        str(trainer.default_root_dir), "checkpoints"
+    )
+    # A stop signal that comes while the model and data are set up (SLURM's --signal may arrive
+    # at any time) is remembered and acted on at the first step instead of killing the process.
+    found = {
+        getattr(signal, name): signal.getsignal(getattr(signal, name))
+        for name in preemption.signals
+    }
+    for signum in found:
+        signal.signal(signum, preemption._on_signal)
+    for signum in early_signals or []:
+        preemption._on_signal(signum, None)
     try:
-        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+        ckpt_path = resolve_ckpt_path(cli.config.ckpt_path, folder)
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         preemption.received = preemption.received or int(signal.SIGTERM)
     except Exception:
@@ -304,6 +368,9 @@ def run_fit(argv: list[str], *, progress_stream: TextIO | None = None) -> int:
         if nonfinite is None:
             raise
         raise nonfinite from None
+    finally:
+        for signum, handler in found.items():
+            signal.signal(signum, handler)
     if preemption.received is not None:
         name = signal.Signals(preemption.received).name
         where = preemption.saved_path or "no checkpoint written"

@@ -116,15 +116,17 @@ def preview_views(
     """Views of each tile (rows of (h, w, 3) uint8), device augmentations included."""
     import torch
 
-    generator = torch.Generator(device=device).manual_seed(seed)
+    seeds = [seed * 1_000_003 + i for i in range(len(tiles))]  # per tile, on both paths
     views.resolve_device_augment(device)  # null in a recipe: what training on this device does
     if views.device_augment:  # the device path builds every view from the whole tiles
         batch = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).to(device)
-        made = views.device_views(batch, generator=generator)
+        rngs = [np.random.default_rng(s) for s in seeds]
+        params = torch.from_numpy(views.draw_params(rngs, tiles.shape[1:3])).to(device)
+        made = views.device_views(batch, params)
     else:
         per_tile = []
-        for i, tile in enumerate(tiles):
-            views.set_seed(seed * 1_000_003 + i)
+        for tile, tile_seed in zip(tiles, seeds, strict=True):
+            views.set_seed(tile_seed)
             per_tile.append(views(tile))
         batches = [torch.stack(column).to(device) for column in zip(*per_tile, strict=True)]
         made = views.on_device(batches)

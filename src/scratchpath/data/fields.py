@@ -239,11 +239,13 @@ def crop_fields(
     pixels = tiles.float()
     rois = torch.cat([tile_of_view.reshape(-1, 1).to(pixels), boxes.reshape(-1, 4).to(pixels)],
                      dim=1)  # fmt: skip
+    rois = rois.view(v, b, 5)
     out: list[torch.Tensor | None] = [None] * v
     for size in sorted(set(sizes)):
         views = [i for i in range(v) if sizes[i] == size]
-        rows = torch.cat([torch.arange(i * b, (i + 1) * b) for i in views]).to(pixels.device)
-        crops = roi_align(pixels, rois[rows], output_size=size, spatial_scale=1.0,
+        # the views' rows by slicing on the device: no index tensor copied from the host
+        rows = torch.cat([rois[i] for i in views])  # (len(views)·B, 5)
+        crops = roi_align(pixels, rows, output_size=size, spatial_scale=1.0,
                           sampling_ratio=-1, aligned=True)  # fmt: skip
         crops = crops.round_().clamp_(0, 255).to(torch.uint8).view(len(views), b, 3, size, size)
         for j, i in enumerate(views):

@@ -4,18 +4,22 @@ The pipeline per rank::
 
     DistributedBatchSampler (main process)  -- plans the epoch, yields BatchRequest(epoch, indices)
       -> DataLoader(batch_size=None) workers -- ViewBatches: one store read per batch, then
-      -> a host batch, pinned (uint8 and the int64 indices only), by the path of the views:
+      -> a host batch, pinned (uint8, the int64 indices, float32 view parameters), by path:
            CPU path:          {"views": [uint8 (B, 3, h, w)] * n_views}  views made per tile,
-                              seeded by (seed, epoch, tile)
+                              at parameters drawn from (seed, epoch, tile)
            device path, JPEG: {"encoded": EncodedTiles}  the tiles' JPEG bytes, not decoded
            device path, lossless codecs: {"tiles": uint8 (B, H, W, 3)}  decoded in the worker
+           device path, both: {"view_params": float32 (V, B, 17)}  the same per-tile draw
+      -> on_before_batch_transfer            -- damaged tiles the workers met: stop, or count
+                                                (``skip_bad_tiles``; see data.decode)
       -> on_after_batch_transfer             -- on the device: decode the JPEG bytes batched
-                                                (torchvision.io.decode_jpeg, nvJPEG on CUDA),
+                                                (TorchCodec, nvJPEG on CUDA: data.decode),
                                                 views.device_views (device path) or
                                                 views.on_device (CPU path) -> float32 views
 
 The device path (``views.device_augment``; ``None`` = on CUDA) leaves the workers reading bytes
-only: ``benchmarks/bench_input.py`` measures the CPU core-ms per tile of both paths.
+and drawing the views' parameters only: ``benchmarks/bench_input.py`` measures the CPU core-ms
+per tile of both paths.
 
 Reading a whole batch with one ``store.read`` gives 1.3x the tiles/s of per-tile reads
 (``benchmarks/bench_loader.py``). The sampling plan (shuffle modes, slide balance, tissue
@@ -29,103 +33,56 @@ sees exactly the batches an uninterrupted run would have seen next.
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 from functools import cached_property
 from typing import Any, Literal
 
 import cv2
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from scratchpath.data.fields import FieldsOfView, FieldViewBatches, crop_fields
-from scratchpath.data.sampling import BatchRequest, DistributedBatchSampler, sample_seed
+from scratchpath.data.batches import ViewBatches, limit_worker_threads
+from scratchpath.data.decode import DamagedTiles, EncodedTiles, decode_or_name
+from scratchpath.data.fields import FieldsOfView, crop_fields
+from scratchpath.data.sampling import BatchRequest, DistributedBatchSampler
+from scratchpath.distributed import rank_and_world_size
 from scratchpath.errors import ScratchpathError
 from scratchpath.store import PatchStore
 from scratchpath.views import ViewGenerator
 
-
-class EncodedTiles:
-    """The encoded bytes of a batch of tiles: one flat uint8 tensor and each tile's length.
-
-    One buffer pins and copies cheaply. It is deliberately not a tensor, a sequence or a
-    dataclass, so Lightning's batch transfer leaves it on the host: ``decode_jpeg`` wants its
-    input in host memory and moves the decoded pixels to the device itself.
-    """
-
-    def __init__(self, data: torch.Tensor, sizes: tuple[int, ...]) -> None:
-        self.data, self.sizes = data, sizes
-
-    @classmethod
-    def from_blobs(cls, blobs: list[bytes]) -> EncodedTiles:
-        sizes = tuple(len(blob) for blob in blobs)
-        data = torch.empty(sum(sizes), dtype=torch.uint8)
-        flat, start = data.numpy(), 0
-        for blob, size in zip(blobs, sizes, strict=True):
-            flat[start : start + size] = np.frombuffer(blob, np.uint8)
-            start += size
-        return cls(data, sizes)
-
-    def pin_memory(self, device: Any = None) -> EncodedTiles:
-        """Called by the DataLoader's pinning thread."""
-        return EncodedTiles(self.data.pin_memory(), self.sizes)
-
-    def decode(self, device: torch.device | str) -> torch.Tensor:
-        """(B, 3, H, W) uint8 RGB tiles on ``device``, decoded there in one batched call."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        parts = list(torch.split(self.data, self.sizes))
-        return torch.stack(decode_jpeg(parts, mode=ImageReadMode.RGB, device=device))
-
-    def __len__(self) -> int:
-        return len(self.sizes)
+SHARED_MEMORY = "/dev/shm"  # where DataLoader workers hand batches over (Linux)
 
 
-def limit_worker_threads(worker_id: int) -> None:
-    """``worker_init_fn``: one OpenCV and one torch thread per worker (the workers are the
-    parallelism; more threads per worker only contend for the same cores).
+def _tensor_bytes(batch: Any) -> int:
+    """Bytes of the tensors in a host batch (dicts, lists, :class:`EncodedTiles`)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, EncodedTiles):
+        return _tensor_bytes(batch.data)
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, list | tuple):
+        return sum(_tensor_bytes(part) for part in batch)
+    return 0
 
-    Forked workers already inherit one OpenCV thread from :meth:`PatchDataModule.train_dataloader`:
-    ``cv2.setNumThreads`` in a forked child of a process whose OpenCV thread pool ran deadlocks
-    (pthreads backend), so it is only called where the count is not 1 yet (spawned workers).
-    """
-    if cv2.getNumThreads() != 1:
-        cv2.setNumThreads(1)
-    torch.set_num_threads(1)
+
+def init_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of the train loader: :func:`limit_worker_threads`, and SIGTERM and
+    SIGUSR1 ignored. Stop signals are the training process's to act on (it saves at a step
+    boundary, then shuts its workers down), but SLURM (``--signal``, ``scancel``) signals every
+    process of a job step: torch's worker handler ends a worker on a SIGTERM its parent did not
+    send, and SIGUSR1's default action ends a spawned one, so the run failed before saving."""
+    limit_worker_threads(worker_id)
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-class ViewBatches(Dataset):
-    """Maps a :class:`BatchRequest` to its host batch: one store read, then, by the views' path,
-    seeded CPU views per tile, the tiles themselves or (JPEG stores) their encoded bytes.
-
-    The seed of a tile's CPU views depends only on (seed, epoch, tile index), so batches are the
-    same whatever the number of workers, ranks or the batch a tile lands in. Each DataLoader
-    worker reads through its own file handles: a spawned worker gets the store pickled by path
-    and reopens it, a forked one has the store drop the parent's handles on first use.
-    """
-
-    def __init__(self, store: PatchStore, views: ViewGenerator, seed: int) -> None:
-        self.store = store
-        self.views = views
-        self.seed = seed
-
-    def __getitem__(self, request: BatchRequest) -> dict[str, Any]:
-        epoch, indices = request
-        self.views.set_epoch(epoch)  # progressive resizing: the epoch picks the view size
-        index = torch.as_tensor(indices, dtype=torch.int64)  # (B,)
-        if self.views.device_augment:
-            if str(self.store.codec).startswith("jpeg"):
-                blobs = self.store.read_encoded_batch(indices)
-                return {"encoded": EncodedTiles.from_blobs(blobs), "index": index}
-            return {"tiles": torch.from_numpy(self.store.read(indices)), "index": index}
-        tiles = self.store.read(indices)  # (B, H, W, 3) uint8
-        per_view: list[list[torch.Tensor]] = [[] for _ in range(self.views.n_views)]
-        for tile, tile_index in zip(tiles, indices, strict=True):
-            self.views.set_seed(sample_seed(self.seed, epoch, int(tile_index)))
-            for slot, view in zip(per_view, self.views(tile), strict=True):
-                slot.append(view)
-        return {"views": [torch.stack(views) for views in per_view], "index": index}
+__all__ = ["EncodedTiles", "PatchDataModule", "ViewBatches", "limit_worker_threads"]
 
 
 class _ResumableLoader(DataLoader):
@@ -167,6 +124,12 @@ class PatchDataModule(L.LightningDataModule):
             it; batches then also carry ``"view_mpp"`` (V, B). Its views replace the view
             generator's crops; the generator still normalises them (and, with
             ``device_augment``, applies its colour augmentation on the device).
+        skip_bad_tiles: a damaged tile (empty, truncated or corrupt bytes) stops the run with
+            one line naming its store, shard and tile index (False, the default), or is
+            replaced by another tile of its batch, logged once and counted (True; not with
+            ``fields``). See :mod:`scratchpath.data.decode`.
+        max_bad_fraction: with ``skip_bad_tiles``, stop once more distinct damaged tiles than
+            this fraction of the tiles a device reads per epoch have been met.
     """
 
     def __init__(
@@ -185,8 +148,14 @@ class PatchDataModule(L.LightningDataModule):
         prefetch_factor: int = 2,
         mpp_weights: dict[float, float] | None = None,
         fields: FieldsOfView | None = None,
+        skip_bad_tiles: bool = False,
+        max_bad_fraction: float = 0.001,
     ) -> None:
         super().__init__()
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ScratchpathError(f"max_bad_fraction: must be in [0, 1], got {max_bad_fraction}")
+        if skip_bad_tiles and fields is not None:
+            raise ScratchpathError("skip_bad_tiles: not supported with data.fields (µm views)")
         if not stores:
             raise ScratchpathError("stores: at least one patch store is needed")
         if num_workers < 0:
@@ -209,11 +178,11 @@ class PatchDataModule(L.LightningDataModule):
         self.fields = fields
         self.stores = [str(path) for path in stores]
         self.views = views
-        self.worker_init_fn = limit_worker_threads
+        self.worker_init_fn = init_worker
         self._store: PatchStore | None = None
         self._sampler: DistributedBatchSampler | None = None
         self._resume_state: dict[str, Any] | None = None
-        self._device_seed: int | None = None
+        self._damaged: DamagedTiles | None = None
 
     @property
     def store(self) -> PatchStore:
@@ -226,14 +195,6 @@ class PatchDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if len(self.store) == 0:
             raise ScratchpathError(f"stores: {', '.join(self.stores)} hold no tiles")
-
-    def rank_and_world_size(self) -> tuple[int, int]:
-        """From the trainer when attached, else from torch.distributed, else (0, 1)."""
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
 
     def make_sampler(self, rank: int, world_size: int) -> DistributedBatchSampler:
         """The batch plan of one rank (also handy to inspect what a rank will read)."""
@@ -253,7 +214,7 @@ class PatchDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        rank, world_size = self.rank_and_world_size()
+        rank, world_size = rank_and_world_size()  # the trainer's process group, if any
         sampler = self.make_sampler(rank, world_size)
         if len(sampler) == 0:
             raise ScratchpathError(
@@ -267,6 +228,10 @@ class PatchDataModule(L.LightningDataModule):
             self._apply_resume(sampler, self._resume_state)
             self._resume_state = None
         self._sampler = sampler
+        if self._damaged is None:  # kept across epochs: a tile is counted once per run
+            self._damaged = DamagedTiles(
+                self.hparams.skip_bad_tiles, self.hparams.max_bad_fraction, sampler.num_samples
+            )
         self.resolve_views_path()
         workers = self.hparams.num_workers
         if workers > 0 and torch.multiprocessing.get_start_method(allow_none=True) in (
@@ -277,12 +242,9 @@ class PatchDataModule(L.LightningDataModule):
             # limit_worker_threads). The training process does no OpenCV work once workers
             # make the views, so one thread costs it nothing.
             cv2.setNumThreads(1)
-        seed = self.hparams.seed
-        dataset = (
-            ViewBatches(self.store, self.views, seed)
-            if self.fields is None
-            else FieldViewBatches(self.store, self.fields, seed)
-        )
+        dataset = ViewBatches(self.store, self.views, self.hparams.seed, self.fields)
+        if workers > 0:
+            self.check_shared_memory(dataset, sampler)
         return _ResumableLoader(
             dataset,
             sampler=sampler,
@@ -294,6 +256,29 @@ class PatchDataModule(L.LightningDataModule):
             worker_init_fn=self.worker_init_fn if workers > 0 else None,
         )
 
+    def check_shared_memory(self, dataset: Dataset, sampler: DistributedBatchSampler) -> None:
+        """Refuse to start workers whose batches would overflow /dev/shm: a worker hands each
+        batch over through it, ``num_workers × prefetch_factor`` in flight (at most an epoch's
+        batches) plus the one in use. Too little (Docker's default is 64 MB) hangs the loader
+        after a worker fails to allocate (or kills it with a bus error); here it is one error
+        line. Costs one tile's views (at the full size of progressive resizing), once per loader."""
+        if not os.path.isdir(SHARED_MEMORY):
+            return
+        hp = self.hparams
+        epoch = max(self._epoch(), self.views.low_res_epochs)
+        tile = dataset[BatchRequest(epoch, sampler.batch(sampler.epoch, 0)[:1])]
+        batch = _tensor_bytes(tile) * hp.batch_size
+        in_flight = min(hp.num_workers * hp.prefetch_factor, len(sampler)) + 1
+        free = shutil.disk_usage(SHARED_MEMORY).free
+        if batch * in_flight > free:
+            raise ScratchpathError(
+                f"{SHARED_MEMORY}: {free / 2**20:.0f} MiB free, but {in_flight} batches of "
+                f"{batch / 2**20:.1f} MiB in flight (data.num_workers × data.prefetch_factor, and "
+                f"the one in use) need {batch * in_flight / 2**20:.0f} MiB; in Docker add "
+                "--shm-size=16g to docker run, or lower data.num_workers, data.prefetch_factor "
+                "or data.batch_size"
+            )
+
     def resolve_views_path(self) -> bool:
         """Settle ``views.device_augment=None`` from the trainer's device (device path on CUDA,
         CPU path elsewhere, and without a trainer); returns whether the device path is used."""
@@ -304,24 +289,30 @@ class PatchDataModule(L.LightningDataModule):
         """The trainer's epoch (0 before a trainer is attached, e.g. in tests and tools)."""
         return self.trainer.current_epoch if self.trainer is not None else 0
 
+    def damaged_tiles(self) -> DamagedTiles:
+        """The run's damaged-tile bookkeeping (made by the train loader; without one, e.g. in
+        tools, here on first use, against the store's size)."""
+        if self._damaged is None:
+            hp = self.hparams
+            self._damaged = DamagedTiles(hp.skip_bad_tiles, hp.max_bad_fraction, len(self.store))
+        return self._damaged
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Derive the batch's device-augmentation seed on the host (no device sync needed)."""
-        self._device_seed = None
-        if isinstance(batch, dict) and len(batch.get("index", ())):
-            epoch = self._epoch()
-            first = int(
-                batch["index"].numpy()[0]
-            )  # tiles are disjoint across ranks: so are the seeds
-            self._device_seed = sample_seed(self.hparams.seed, epoch, first, stream=1)
+        """Account for the damaged tiles the workers met (raises to stop the run)."""
+        if isinstance(batch, dict) and "damaged" in batch:
+            batch = dict(batch)
+            damage = batch.pop("damaged")
+            self.damaged_tiles().report(damage, max(len(batch.get("index", ())), 1))
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """The host batch on the device -> ``{"views": float32 normalised views, "index"}``.
 
-        Device path: JPEG bytes are decoded here (one batched ``decode_jpeg``, nvJPEG on CUDA)
-        and ``views.device_views`` builds every view, its random stream seeded per batch by
-        (seed, epoch, first tile): reproducible, different on every rank (ranks read disjoint
-        tiles) and exactly resumed, like the CPU views. No step of it waits for the device.
+        Device path: JPEG bytes are decoded here (one batched TorchCodec ``decode_jpeg``,
+        nvJPEG on CUDA, on a decode stream of its own: :mod:`scratchpath.data.decode`) and
+        ``views.device_views`` builds every view at the parameters the worker drew per tile
+        from (seed, epoch, tile), as for the CPU views: reproducible, different on every rank
+        (ranks read disjoint tiles) and exactly resumed. No step of it waits for the device.
         """
         if not isinstance(batch, dict):
             return batch
@@ -332,18 +323,21 @@ class PatchDataModule(L.LightningDataModule):
         if "encoded" in batch or "tiles" in batch:
             device = batch["index"].device
             if "encoded" in batch:
-                tiles = batch.pop("encoded").decode(device)  # (B, 3, H, W) uint8
+                encoded = batch.pop("encoded")
+                tiles, damage = decode_or_name(  # (B, 3, H, W) uint8
+                    encoded, device, lambda i, reason: self.store.damaged_tile(i, reason)
+                )
+                if damage:
+                    self.damaged_tiles().report(damage, len(encoded))
             else:
                 tiles = batch.pop("tiles").permute(0, 3, 1, 2)
-            generator = torch.Generator(device=device)
-            generator.manual_seed(self._device_seed if self._device_seed is not None else 0)
             self.views.set_epoch(self._epoch())
-            return {**batch, "views": self.views.device_views(tiles, generator=generator)}
+            params = batch.pop("view_params", None)
+            return {**batch, "views": self.views.device_views(tiles, params)}
         if "views" in batch and self.fields is not None and self.views.device_augment:
             # µm fields are already cropped: the device path adds D4 and colour to them.
-            generator = torch.Generator(device=batch["views"][0].device)
-            generator.manual_seed(self._device_seed if self._device_seed is not None else 0)
-            return {**batch, "views": self.views.augment_views(batch["views"], generator)}
+            params = batch.pop("view_params", None)
+            return {**batch, "views": self.views.augment_views(batch["views"], params)}
         if "views" in batch:
             return {**batch, "views": self.views.on_device(batch["views"])}
         return batch

@@ -19,8 +19,9 @@ pushed, transformers ``TimmWrapperModel`` / ``AutoModel``, kaiko's eva, plain
   :func:`load_backbone`, ``scratchpath eval`` and ``scratchpath compare`` print.
 
 The package is split by job: ``checkpoint`` (reading a training checkpoint), ``config``
-(``config.json``), ``card`` (the model card, from the ``model_card.md`` template), ``write``
-(:func:`export_checkpoint`), ``load`` (:func:`load_backbone`), ``hub`` (:func:`push_to_hub`).
+(``config.json``), ``card`` (the model card, from the ``model_card.md`` template; its eva
+section from :mod:`scratchpath.eva_configs`), ``write`` (:func:`export_checkpoint`), ``load``
+(:func:`load_backbone`), ``hub`` (:func:`push_to_hub`).
 
 Exports written before format 2 (``model_kwargs`` and provenance at the top level) still load:
 :func:`load_config` reads them into the current layout.

@@ -1,13 +1,14 @@
 """The model card (``README.md``) of an export, rendered from ``model_card.md`` (a
-:class:`string.Template`) and the export's ``config.json`` content."""
+:class:`string.Template`) and the export's ``config.json`` content; its eva section (complete
+eva task configs) is :func:`scratchpath.eva_configs.eva_section`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from string import Template
 from typing import Any
 
+from scratchpath.eva_configs import eva_section
 from scratchpath.export.config import mpp_text, origin_text
 from scratchpath.weights import describe_init, is_from_scratch, pre_init_record
 
@@ -29,21 +30,6 @@ def render_model_card(config: dict[str, Any]) -> str:
         f"- `{s.get('path')}` ({s.get('n_tiles')} tiles, fingerprint `{s.get('fingerprint')}`)"
         for s in stores
     )
-    extra = json.dumps({"checkpoint_path": "path/to/this/folder/model.safetensors"})
-    registry_lines = "\n".join(  # JSON values are YAML values
-        f"      {k}: {json.dumps(v)}" for k, v in {"num_classes": 0, **kwargs}.items()
-    )
-    if kwargs:
-        eva_registry = (
-            "(eva's registry route, `MODEL_NAME=timm/ARCH MODEL_EXTRA_KWARGS=...`, passes only "
-            "`checkpoint_path` on to timm, so it cannot rebuild this backbone's "
-            f"`model_args` {json.dumps(kwargs)}: use one of these YAML backbones)"
-        )
-    else:
-        eva_registry = (
-            "or, in any eva config whose backbone comes from eva's registry: "
-            f"`MODEL_NAME=timm/{arch} MODEL_EXTRA_KWARGS='{extra}'`"
-        )
     sha = prov.get("git_sha")
     scratch = is_from_scratch(init)
     return Template(_TEMPLATE.read_text()).substitute(
@@ -81,6 +67,7 @@ def render_model_card(config: dict[str, Any]) -> str:
         interpolation=pcfg["interpolation"],
         store_lines=store_lines or "- (no store information recorded)",
         kw="".join(f", {k}={v!r}" for k, v in kwargs.items()),
-        registry_lines=registry_lines,
-        eva_registry=eva_registry,
+        # eva's section is text of its own (eva_configs.py: complete task configs); its
+        # trailing newline is the template's last one
+        eva_section=eva_section(config).rstrip("\n"),
     )

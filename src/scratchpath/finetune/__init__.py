@@ -10,7 +10,9 @@ Public API (importable by downstream packages):
 - the ``scratchpath eval`` report: :func:`run_evaluation`, :func:`colour_histogram_features`;
 - ``scratchpath compare``: :func:`compare` (models and baselines on the same splits, paired
   intervals against a reference) returning a :class:`Comparison`; :func:`resolve_model` (the
-  model specs both commands take).
+  model specs both commands take);
+- slide level (``scratchpath eval --slides``), on ``scratchpath embed``'s files: the heads
+  :class:`ABMIL` and :class:`MeanPool`, :func:`train_head`, :func:`run_slide_evaluation`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ from scratchpath.finetune.splits import grouped_split, require_labels, split_sto
 # Lazy: Lightning (modules, data) and matplotlib (report) take seconds to import and the probe
 # math or `scratchpath eval` do not need them.
 _LAZY = {
+    "ABMIL": "scratchpath.finetune.mil",
+    "Bag": "scratchpath.finetune.mil",
+    "MeanPool": "scratchpath.finetune.mil",
+    "train_head": "scratchpath.finetune.mil",
+    "run_slide_evaluation": "scratchpath.finetune.slides",
     "FineTune": "scratchpath.finetune.modules",
     "LinearProbe": "scratchpath.finetune.modules",
     "LabelledTileDataModule": "scratchpath.finetune.data",
@@ -45,11 +52,14 @@ _LAZY = {
 }
 
 __all__ = [
+    "ABMIL",
+    "Bag",
     "Comparison",
     "FineTune",
     "LabelledTileDataModule",
     "LabelledTiles",
     "LinearProbe",
+    "MeanPool",
     "classification_metrics",
     "colour_histogram_features",
     "compare",
@@ -63,8 +73,10 @@ __all__ = [
     "require_labels",
     "resolve_model",
     "run_evaluation",
+    "run_slide_evaluation",
     "split_store",
     "tiles_to_tensor",
+    "train_head",
 ]
 
 

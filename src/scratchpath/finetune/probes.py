@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from torch import nn
 
+from scratchpath.backbones import prepare_input
 from scratchpath.errors import ScratchpathError
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[int]
@@ -36,20 +37,11 @@ def tiles_to_tensor(
     std: Sequence[float],
     input_size: int | None = None,
 ) -> torch.Tensor:
-    """Turn ``(N, H, W, 3)`` uint8 RGB tiles into normalised ``(N, 3, S, S)`` float32.
-
-    ``mean``/``std`` are per RGB channel on the 0..1 scale. When ``input_size`` is given and
-    differs from the tile size, tiles are resized with bilinear interpolation (antialiased when
-    shrinking), i.e. the whole tile is seen at a different µm/px rather than cropped.
-    """
-    x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float() / 255.0
-    if input_size is not None and tuple(x.shape[-2:]) != (input_size, input_size):
-        x = F.interpolate(
-            x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True
-        )
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
+    """Turn ``(N, H, W, 3)`` uint8 RGB tiles into normalised ``(N, 3, S, S)`` float32
+    (:func:`scratchpath.backbones.prepare_input`: resized bilinear, antialiased, to
+    ``input_size`` when given and different, i.e. the whole tile at another µm/px)."""
+    x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
+    return prepare_input(x, mean=mean, std=std, input_size=input_size)
 
 
 @torch.no_grad()

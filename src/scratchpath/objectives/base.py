@@ -9,8 +9,14 @@ SyncBatchNorm are the Trainer's flags.
 A training step never waits for the device: the loss is logged as a tensor (Lightning turns it
 into a number only every ``log_every_n_steps``), the scheduled LR / weight decay / momentum are
 logged on those logging steps only (a Python number becomes a blocking host-to-device copy), and
-the non-finite-loss stop reads a non-blocking copy every ``nonfinite_check_every`` steps.
-``tests/test_sync.py`` counts the synchronisations of a whole step: zero.
+the non-finite-loss stop is a :class:`~scratchpath.distributed.CrossRankCheck`: reduced over the
+ranks and copied to the host without waiting, decided at the same steps on every rank.
+``tests/test_sync.py`` counts the synchronisations and the tensors made from host data of whole
+steps of ``scratchpath fit``: zero.
+
+No checkpoint is written with non-finite weights: :meth:`SSLObjective.on_save_checkpoint`
+checks every parameter and buffer first (one device reduction and one synchronisation per
+checkpoint) and refuses the save, naming the first non-finite step.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from scratchpath.backbones import create_backbone
+from scratchpath.distributed import CrossRankCheck, HostCopy, is_logging_step
 from scratchpath.errors import ScratchpathError
-from scratchpath.objectives.collectives import all_reduce_max
 from scratchpath.objectives.optim import (
     cosine_ramp,
     create_optimizer,
@@ -64,12 +70,15 @@ class SSLObjective(L.LightningModule):
         weight_decay: weight decay at the first step.
         weight_decay_end: weight decay at the last step (cosine); ``None`` keeps it constant.
         adam_betas: AdamW betas (MAE uses ``(0.9, 0.95)``).
-        compile: ``torch.compile`` the backbone in place (state-dict keys are unchanged).
+        compile: ``torch.compile`` the backbones in place (state-dict keys are unchanged): each
+            transformer block of a ViT (:meth:`modules_to_compile`), else the whole backbone.
         activation_checkpointing: recompute backbone activations in backward (timm).
         nonfinite_check_every: how often (steps) the non-finite-loss stop looks at the losses:
-            every step's loss is checked on the device, and a non-blocking copy is read every
-            this many steps, so a NaN stops the run (naming its step) at most about twice this
-            many steps later, without the per-step host sync of an immediate check.
+            every step's loss is checked on the device; every this many steps each rank starts
+            a non-blocking reduction of the first non-finite step over all ranks and reads the
+            one started the time before, so every rank stops at the same step, naming the
+            first non-finite step, at most twice this many steps later, without a per-step host
+            sync (:class:`~scratchpath.distributed.CrossRankCheck`).
         init: start the backbone (nothing else: heads stay random) from given weights instead
             of random ones: an export folder, a timm-format ``.safetensors`` file or a
             ``.pth`` / ``.bin`` / ``.pt`` / ``.ckpt`` read with ``weights_only=True``
@@ -123,10 +132,11 @@ class SSLObjective(L.LightningModule):
         self.steps_per_epoch = 0.0
         self.global_batch = 0  # per-device batch × devices × accumulation, from the first batch
         self._run_seed = 0
-        # Non-finite stop: (first bad step or inf, its loss) on the device, and the pending
-        # non-blocking host copy (pinned buffer, CUDA event or None) of the last check.
+        # Non-finite stop: on the device, the first step with a non-finite loss and the first
+        # with a NaN / +inf / -inf one (each inf until seen), and its cross-rank check.
         self._nonfinite: torch.Tensor | None = None
-        self._nonfinite_copy: tuple[torch.Tensor, Any] | None = None
+        self._nonfinite_check = CrossRankCheck(nonfinite_check_every)
+        self._step_at_batch_start = -1
         # Set when the run failed for another reason after a non-finite loss (the step it
         # names is the real cause); ``scratchpath fit`` reports it instead of the other error.
         self.nonfinite_error: ScratchpathError | None = None
@@ -150,9 +160,23 @@ class SSLObjective(L.LightningModule):
         return {}
 
     def modules_to_compile(self) -> list[nn.Module]:
-        """Modules that ``compile=True`` compiles in place (the backbones)."""
-        teacher = getattr(self, "teacher_backbone", None)
-        return [self.backbone] if teacher is None else [self.backbone, teacher]
+        """Modules that ``compile=True`` compiles in place: of each backbone (online and EMA
+        teacher), the transformer blocks of a ViT, else the whole backbone.
+
+        Blocks rather than the ViT's ``forward``: objectives that need tokens (MAE's visible
+        patches, DINOv2's masked patches) call the ViT's parts themselves and would bypass a
+        compiled ``forward``, and blocks run compiled inside timm's activation checkpointing
+        too. All blocks of a ViT share one compiled graph (their code and shapes are equal).
+        """
+        backbones = [self.backbone, getattr(self, "teacher_backbone", None)]
+        modules: list[nn.Module] = []
+        for backbone in backbones:
+            blocks = getattr(backbone, "blocks", None)
+            if isinstance(blocks, nn.Sequential | nn.ModuleList):
+                modules.extend(blocks)
+            elif isinstance(backbone, nn.Module):
+                modules.append(backbone)
+        return modules
 
     # --- teacher ----------------------------------------------------------------------------
     def create_teacher_backbone(self) -> nn.Module:
@@ -204,6 +228,8 @@ class SSLObjective(L.LightningModule):
         elif self.hparams.warmup_epochs > 0:
             raise ScratchpathError("warmup_epochs: the training loader has no length, use 0")
         self.total_steps = int(total)
+        # this run's process group: nothing left in flight from an earlier fit of this module
+        self._nonfinite_check = CrossRankCheck(self.hparams.nonfinite_check_every)
         # seed_everything's seed (the recipe's seed_everything), the root of every step's stream.
         self._run_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
 
@@ -225,7 +251,7 @@ class SSLObjective(L.LightningModule):
                 f"{self.objective_name}: global batch {self.global_batch}, peak lr "
                 f"{self.hparams.lr} × {self.global_batch}/{self.hparams.lr_reference_batch}"
             )
-        self._check_nonfinite(wait=False)
+        self._step_at_batch_start = self.global_step
         self.seed_step(batch_idx)
         lr, weight_decay = self.current_lr_and_weight_decay()
         for optimizer in self.trainer.optimizers:
@@ -246,10 +272,8 @@ class SSLObjective(L.LightningModule):
         torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
     def _is_logging_step(self) -> bool:
-        # Lightning's own "write the logs now" decision; on other steps a logged Python number
-        # would only cost a blocking host-to-device copy.
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
+        # a logged Python number is a host-to-device copy: log them on these steps only
+        return is_logging_step(self.trainer)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch["views"])
@@ -258,11 +282,17 @@ class SSLObjective(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if (batch_idx + 1) % self.hparams.nonfinite_check_every == 0:
-            self._start_nonfinite_copy()
+        if self.global_step == self._step_at_batch_start:
+            return  # inside a gradient accumulation: decisions are taken after optimiser steps
+        result = self._nonfinite_check.poll(self.global_step, self._nonfinite_payload)
+        error = self._nonfinite_error(result)
+        if error is not None:
+            raise error  # on every rank at this step: they all read the same reduction
 
     def on_train_end(self) -> None:
-        error = self._final_nonfinite_error()
+        # Every rank gets here at the same step: one last (waiting) reduction of the losses.
+        self._nonfinite_check.pending()
+        error = self._nonfinite_error(self._nonfinite_check.now(self._nonfinite_payload()))
         if error is not None:
             raise error
 
@@ -271,63 +301,62 @@ class SSLObjective(L.LightningModule):
 
     # --- the non-finite-loss stop, without a per-step host sync -------------------------------
     def _track_nonfinite(self, loss: torch.Tensor) -> None:
-        """Remember (on the device) the first step whose loss is not finite."""
+        """Remember (on the device) the first step whose loss is not finite, and its kind."""
         state = self._nonfinite
         if state is None or state.device != loss.device:
-            state = torch.full((2,), math.inf, dtype=torch.float64, device=loss.device)
+            state = torch.full((4,), math.inf, dtype=torch.float64, device=loss.device)
         step = torch.full((), float(self.global_step), dtype=torch.float64, device=loss.device)
+        loss = loss.double()
+        kinds = (torch.isnan(loss), loss == math.inf, loss == -math.inf)
+        seen = torch.stack([step, *(torch.where(kind, step, math.inf) for kind in kinds)])
         first_bad = ~torch.isfinite(loss) & torch.isinf(state[0])
-        self._nonfinite = torch.where(first_bad, torch.stack([step, loss.double()]), state)
+        self._nonfinite = torch.where(first_bad, seen, state)
 
-    def _start_nonfinite_copy(self) -> None:
-        """Copy (earliest bad step on any rank, this rank's bad step, its loss) to the host
-        without waiting; :meth:`_check_nonfinite` reads it once the copy has landed."""
-        if self._nonfinite is None or self._nonfinite_copy is not None:
-            return
-        state = self._nonfinite
-        earliest = -all_reduce_max(-state[:1])  # the minimum over ranks; queued, no wait
-        payload = torch.cat([earliest, state])
-        cuda = payload.device.type == "cuda"
-        host = torch.empty(3, dtype=torch.float64, pin_memory=cuda)
-        host.copy_(payload, non_blocking=True)
-        event = torch.cuda.Event() if cuda else None
-        if event is not None:
-            event.record()
-        self._nonfinite_copy = (host, event)
+    def _nonfinite_payload(self) -> torch.Tensor:
+        """What the ranks reduce (maximum): minus the first non-finite step of each kind."""
+        if self._nonfinite is None:  # no step yet: on the device all the same (NCCL needs it)
+            return torch.full((4,), -math.inf, dtype=torch.float64, device=self.device)
+        return -self._nonfinite
 
-    def _check_nonfinite(self, wait: bool) -> None:
-        """Stop the run if the last landed copy shows a non-finite loss."""
-        error = self._landed_nonfinite_error(wait)
-        if error is not None:
-            raise error
-
-    def _final_nonfinite_error(self) -> ScratchpathError | None:
-        """The non-finite error of the run so far: a copy still in flight, then the last steps
-        (waits for the device: only for the end of a run)."""
-        error = self._landed_nonfinite_error(wait=True)
-        if error is None:
-            self._start_nonfinite_copy()
-            error = self._landed_nonfinite_error(wait=True)
-        return error
-
-    def _landed_nonfinite_error(self, wait: bool) -> ScratchpathError | None:
-        """The error naming the first non-finite step, if the last landed copy shows one."""
-        if self._nonfinite_copy is None:
+    @staticmethod
+    def _nonfinite_error(result: np.ndarray | None, also: str = "") -> ScratchpathError | None:
+        """The error naming the first non-finite step in a reduced payload, if there is one
+        (``also``: what else to say, before the advice)."""
+        if result is None or not math.isfinite(-result[0]):
             return None
-        host, event = self._nonfinite_copy
-        if event is not None and not event.query():
-            if not wait:
-                return None  # not landed yet: look again at the next batch
-            event.synchronize()
-        self._nonfinite_copy = None
-        earliest, step, loss = host.numpy().tolist()  # host memory: no device sync
-        if not math.isfinite(earliest):
-            return None
-        value = loss if step == earliest else "non-finite on another rank"
+        first = -result[0]
+        kind = next(
+            (name for name, s in zip(("nan", "inf", "-inf"), -result[1:4], strict=True)
+             if s == first), "not finite",
+        )  # fmt: skip
         return ScratchpathError(
-            f"step {int(earliest)}: loss is {value} (non-finite here or on another rank); "
+            f"step {int(first)}: loss is {kind} (non-finite here or on another rank){also}; "
             "lower lr, lengthen warm-up or use 32-bit precision"
         )
+
+    def _local_nonfinite_error(self) -> ScratchpathError | None:
+        """The error of the run so far as this rank alone knows it (the reduction in flight and
+        its own losses), waiting for the device and starting no collective: for failures, where
+        the other ranks may not be there to answer."""
+        payloads = [self._nonfinite_check.pending(), HostCopy(self._nonfinite_payload()).values()]
+        found = [p for p in payloads if p is not None]
+        return self._nonfinite_error(np.maximum.reduce(found))
+
+    def _refuse_nonfinite_weights(self) -> None:
+        """Raise instead of saving when any parameter or buffer is not finite on any rank
+        (a collective of every rank's save, and one device synchronisation per checkpoint)."""
+        tensors = [t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
+        if not tensors:
+            return
+        bad = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any()
+        payload = self._nonfinite_payload().to(bad.device)
+        result = self._nonfinite_check.now(torch.cat([bad.double().view(1), payload]))
+        if not result[0]:
+            return
+        step = self.global_step
+        refused = f"; the weights at step {step} are not finite, so no checkpoint is written"
+        error = self._nonfinite_error(result[1:], also=refused)
+        raise error or ScratchpathError(f"step {step}: no non-finite loss{refused}")
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -335,6 +364,7 @@ class SSLObjective(L.LightningModule):
             self.update_teacher(self.teacher_momentum())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._refuse_nonfinite_weights()  # before anything is written
         trainer = self.trainer
         datamodule = getattr(trainer, "datamodule", None)
         checkpoint["scratchpath"] = {
@@ -367,7 +397,7 @@ class _NonFiniteFirst(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
         if not isinstance(pl_module, SSLObjective) or isinstance(exception, ScratchpathError):
             return
-        error = pl_module._final_nonfinite_error()
+        error = pl_module._local_nonfinite_error()
         if error is not None:
             pl_module.nonfinite_error = error
             exception.add_note(f"caused by a non-finite loss first: {error}")

@@ -1,5 +1,8 @@
 """Cross-rank collectives of the objectives: rank / world size, gathers and all-reduces.
 
+``rank_and_world_size`` is :func:`scratchpath.distributed.rank_and_world_size` (one
+implementation for the data module, the objectives and the callbacks), re-exported here.
+
 Every objective imports its collectives from here (never ``torch.distributed`` directly), so a
 loss reads the same in one process and on many, and the tests fake or spawn ranks in one place.
 Outside ``torch.distributed`` each function is the identity of one process. None of them moves
@@ -12,12 +15,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 
+from scratchpath.distributed import rank_and_world_size
 
-def rank_and_world_size() -> tuple[int, int]:
-    """This process's rank and the number of processes (0, 1 outside ``torch.distributed``)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+__all__ = [
+    "all_reduce_max",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "gather_no_grad",
+    "gather_with_grad",
+    "rank_and_world_size",
+]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

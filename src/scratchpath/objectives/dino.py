@@ -15,6 +15,7 @@ from scratchpath.backbones import feature_dim
 from scratchpath.errors import ScratchpathError
 from scratchpath.objectives.base import SSLObjective
 from scratchpath.objectives.collectives import all_reduce_mean
+from scratchpath.objectives.crops import forward_runs
 
 
 def dino_cross_entropy(
@@ -204,10 +205,10 @@ class DINO(SSLObjective):
             raise ScratchpathError(
                 f"n_global_crops: expected at least {n_global} views, the batch has {len(views)}"
             )
-        student_features = _forward_crops(self.backbone, views)  # (V·B, D)
+        student_features = torch.cat(forward_runs(self.backbone, views))  # (V·B, D)
         student_logits = self.head(student_features).view(len(views), batch, -1)  # (V, B, K)
         with torch.no_grad():
-            teacher_features = _forward_crops(self.teacher_backbone, views[:n_global])
+            teacher_features = torch.cat(forward_runs(self.teacher_backbone, views[:n_global]))
             teacher_logits = self.teacher_head(teacher_features).view(n_global, batch, -1)
         loss = dino_loss(
             student_logits,
@@ -231,23 +232,3 @@ class DINO(SSLObjective):
         if self.current_epoch < self.hparams.freeze_last_layer_epochs:
             for param in self.head.last_layer.parameters():
                 param.grad = None  # DINO keeps the prototypes fixed in the first epoch(s)
-
-
-def _forward_crops(backbone: nn.Module, crops: list[torch.Tensor]) -> torch.Tensor:
-    """Pooled features of all crops in view order, one backbone pass per run of equal sizes."""
-    runs: list[list[torch.Tensor]] = []
-    for crop in crops:
-        if runs and runs[-1][0].shape[-2:] == crop.shape[-2:]:
-            runs[-1].append(crop)
-        else:
-            runs.append([crop])
-    features = []
-    for run in runs:
-        try:
-            features.append(backbone(torch.cat(run)))  # (len(run)·B, D)
-        except AssertionError as error:  # timm's PatchEmbed rejects an unexpected input size
-            raise ScratchpathError(
-                f"backbone_kwargs: {tuple(run[0].shape[-2:])} crops do not fit the backbone "
-                f"({error}); give ViTs dynamic_img_size: true for multi-crop"
-            ) from None
-    return torch.cat(features)

@@ -30,12 +30,14 @@ from timm.models import checkpoint_seq
 from torch import nn
 
 from scratchpath.backbones import feature_dim
+from scratchpath.distributed import to_device
 from scratchpath.errors import ScratchpathError
 from scratchpath.objectives.collectives import (
     all_reduce_max,
     all_reduce_sum,
     rank_and_world_size,
 )
+from scratchpath.objectives.crops import forward_runs, size_rejected
 from scratchpath.objectives.dino import (
     DINO,
     DINOHead,
@@ -117,9 +119,9 @@ class PatchMasks:
         index[: len(flat)] = flat
         weight[: len(flat)] = 1.0 / counts[flat // masks.shape[1]]
         return cls(
-            torch.from_numpy(masks).to(device, non_blocking=True),
-            torch.from_numpy(index).to(device, non_blocking=True),
-            torch.from_numpy(weight).to(device, non_blocking=True),
+            to_device(masks, torch.bool, device),  # pinned, non-blocking: no pageable copy
+            to_device(index, torch.int64, device),
+            to_device(weight, torch.float32, device),
         )
 
 
@@ -367,8 +369,8 @@ class DINOv2(DINO):
 
         s_tokens = vit_tokens(self.backbone, global_crops, masks.mask, self.mask_token)
         s_cls, s_patches = self.split_tokens(s_tokens)
-        s_local = [self.split_tokens(vit_tokens(self.backbone, crops))[0] for crops in
-                   _runs_of_equal_size(views[n_global:])]  # fmt: skip
+        s_local = forward_runs(lambda crops: self.split_tokens(vit_tokens(self.backbone, crops))[0],
+                               views[n_global:])  # fmt: skip
         s_cls_all = torch.cat([s_cls, *s_local])  # (V·B, D)
         s_masked = s_patches.flatten(0, 1).index_select(0, masks.index)  # (M, D)
         s_cls_logits, s_patch_logits = self._heads(self.head, self.ibot_head, s_cls_all, s_masked)
@@ -480,10 +482,7 @@ def vit_tokens(
     try:
         x = vit.patch_embed(images)  # (B, L, D), or (B, h, w, D) with dynamic_img_size
     except AssertionError as error:  # timm's PatchEmbed rejects an unexpected input size
-        raise ScratchpathError(
-            f"backbone_kwargs: {tuple(images.shape[-2:])} crops do not fit the backbone "
-            f"({error}); give ViTs dynamic_img_size: true for multi-crop"
-        ) from None
+        raise size_rejected(images, error) from None
     if mask is not None:
         x = torch.where(mask.view(*x.shape[:-1], 1), mask_token.to(x.dtype), x)
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
@@ -492,17 +491,6 @@ def vit_tokens(
     else:
         x = vit.blocks(x)
     return vit.norm(x)
-
-
-def _runs_of_equal_size(crops: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Consecutive crops of one size concatenated: one backbone pass per size."""
-    runs: list[list[torch.Tensor]] = []
-    for crop in crops:
-        if runs and runs[-1][0].shape[-2:] == crop.shape[-2:]:
-            runs[-1].append(crop)
-        else:
-            runs.append([crop])
-    return [torch.cat(run) for run in runs]
 
 
 def _full_precision(device: torch.device) -> Any:

@@ -39,7 +39,7 @@ def random_masking(
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     mask = torch.ones(batch, num_patches, device=device)
-    mask[:, :num_visible] = 0
+    mask[:, :num_visible].zero_()  # a fill: no tensor made from a Python number
     return ids_shuffle[:, :num_visible], mask.gather(1, ids_restore), ids_restore
 
 
@@ -128,7 +128,7 @@ class MAE(SSLObjective):
         return super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}
 
     def modules_to_compile(self) -> list[nn.Module]:
-        return [*self.backbone.blocks, *self.decoder_blocks]
+        return [*super().modules_to_compile(), *self.decoder_blocks]
 
     def encode(self, images: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, ...]:
         """Encoder on the visible patches: tokens ``(B, prefix + L_visible, D)``, mask, restore."""

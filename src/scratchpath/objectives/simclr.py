@@ -67,7 +67,8 @@ def _nt_xent_fp32(
     self_column = torch.cat([image, n_global + image])  # each query's own key
     positive_column = torch.cat([n_global + image, image])  # the other view of the same image
     rows = torch.arange(2 * batch, device=z_a.device)
-    logits[rows, self_column] = float("-inf")
+    minus_inf = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
+    logits = logits.index_put((rows, self_column), minus_inf)  # no tensor made from host data
     return F.cross_entropy(logits, positive_column)
 
 

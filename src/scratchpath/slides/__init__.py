@@ -32,6 +32,7 @@ from scratchpath.slides import dicom, openslide_backend, tiff
 from scratchpath.slides.base import (
     IMAGE_SUFFIXES,
     SLIDE_SUFFIXES,
+    JpegTiles,
     Level,
     Slide,
     is_slide_file,
@@ -45,6 +46,7 @@ __all__ = [
     "FORMATS",
     "IMAGE_SUFFIXES",
     "SLIDE_SUFFIXES",
+    "JpegTiles",
     "Level",
     "Slide",
     "is_slide_file",

@@ -32,6 +32,38 @@ class Level:
     mpp: float | None  # µm per pixel of this level (None if unknown)
 
 
+@dataclass(frozen=True)
+class JpegTiles:
+    """A level stored as a row-major grid of equally sized baseline-JPEG tiles, each of which
+    :meth:`Slide.read_jpeg_tile` returns as a complete JPEG stream (for a batched decoder)."""
+
+    tile_height: int
+    tile_width: int
+    rows: int  # tiles down
+    cols: int  # tiles across
+    colour: str = "stream"  # "rgb", "ycbcr" (TIFF photometric) or as the stream's markers say
+
+
+# Adobe APP14 marker with transform 0: "the three components are R, G, B, no colour transform".
+# libjpeg-turbo (torchvision on the CPU, imagecodecs) honours it; without it a 3-component
+# stream with component ids 0, 1, 2 (Aperio's RGB tiles) is taken for YCbCr.
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+def complete_jpeg(data: bytes, tables: bytes | None = None, *, rgb: bool = False) -> bytes:
+    """A stand-alone JPEG stream from a TIFF tile: the shared ``JPEGTables`` (quantisation and
+    Huffman tables, TIFF tag 347) merged in, and an Adobe marker saying "RGB" when the tile's
+    components are RGB rather than YCbCr (TIFF photometric RGB)."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG stream (no SOI marker)")
+    body = data[2:]
+    if tables:
+        if tables[:2] != b"\xff\xd8" or tables[-2:] != b"\xff\xd9":
+            raise ValueError("JPEGTables is not an SOI ... EOI table stream")
+        body = tables[2:-2] + body
+    return b"\xff\xd8" + (_ADOBE_RGB if rgb else b"") + body
+
+
 def slide_stem(path: Path) -> str:
     """File name without its slide suffix (``a.ome.tif`` -> ``a``): the default slide id."""
     name = path.name
@@ -130,6 +162,18 @@ class Slide:
     def _read_inside(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         """``(y1 - y0, x1 - x0, 3)`` uint8 pixels of a window that lies inside the level."""
         raise NotImplementedError
+
+    def jpeg_tiles(self, level: int) -> JpegTiles | None:
+        """The level's tile grid when every stored tile is a baseline JPEG that
+        :meth:`read_jpeg_tile` returns undecoded (``embed`` then decodes them on the device);
+        None when the level must be read through :meth:`read_region` (other codecs, NDPI
+        stripes, a backend that does not expose its tiles)."""
+        return None
+
+    def read_jpeg_tile(self, level: int, index: int) -> bytes | None:
+        """Tile ``index`` (row-major) of a level :meth:`jpeg_tiles` describes, as a complete
+        JPEG stream; None when the file stores no tile there (it reads as white)."""
+        raise NotImplementedError(f"{self.path}: no JPEG tiles exposed by {self.backend}")
 
     def read_level(self, level: int) -> np.ndarray:
         """The whole level as one array (only sensible for small levels)."""

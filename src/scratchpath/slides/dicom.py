@@ -22,6 +22,7 @@ import numpy as np
 
 from scratchpath.errors import ScratchpathError
 from scratchpath.slides.base import (
+    JpegTiles,
     Slide,
     TileCache,
     fill_from_tiles,
@@ -32,6 +33,7 @@ from scratchpath.slides.base import (
 )
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"  # 8-bit lossy: what batched JPEG decoders take
 _JPEG = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
          "1.2.840.10008.1.2.4.70"}  # fmt: skip
 _JPEG2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
@@ -61,6 +63,30 @@ class WsiDicomSlide(Slide):
             self._wsi.close()
             self._wsi = None
 
+    def jpeg_tiles(self, level: int) -> JpegTiles | None:
+        self._check_level(level)
+        wsi_level = self._wsi_levels[level]
+        data = wsi_level.default_instance.image_data
+        if (
+            str(data.transfer_syntax) != _JPEG_BASELINE
+            or data.samples_per_pixel != 3
+            or len(wsi_level.focal_planes) != 1
+            or len(wsi_level.optical_paths) != 1
+        ):
+            return None
+        tile, grid = wsi_level.tile_size, wsi_level.tiled_size
+        return JpegTiles(tile.height, tile.width, grid.height, grid.width)
+
+    def read_jpeg_tile(self, level: int, index: int) -> bytes | None:
+        if self._wsi is None:
+            raise ValueError(f"{self.path}: slide is closed")
+        cols = self._wsi_levels[level].tiled_size.width
+        row, col = divmod(index, cols)
+        # a tile missing from a sparse level comes back as wsidicom's encoded blank tile
+        return self._wsi.read_encoded_tile(
+            self._wsi_levels[level].level, (col, row), crop_to_image_boundary=False
+        )
+
     def _read_inside(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         if self._wsi is None:
             raise ValueError(f"{self.path}: slide is closed")
@@ -89,14 +115,31 @@ class PydicomSlide(Slide):
             self._fh = None
             self._cache.clear()
 
-    def _decode_frame(self, index: int) -> np.ndarray:
-        import imagecodecs
-
+    def _frame_bytes(self, index: int) -> bytes:
         offset, length = self._frames[index]
         self._fh.seek(offset)
         data = self._fh.read(length)
         if len(data) != length:
             raise ScratchpathError(f"{self.path}: truncated file (frame {index})")
+        return data
+
+    def jpeg_tiles(self, level: int) -> JpegTiles | None:
+        self._check_level(level)
+        if self._syntax != _JPEG_BASELINE:
+            return None
+        return JpegTiles(*self._tile, *self._grid)
+
+    def read_jpeg_tile(self, level: int, index: int) -> bytes | None:
+        # A frame is a complete JPEG stream; its own markers (JFIF, Adobe) say its colour space,
+        # as they do for the CPU decoder in _decode_frame.
+        if self._fh is None:
+            raise ValueError(f"{self.path}: slide is closed")
+        return self._frame_bytes(index)
+
+    def _decode_frame(self, index: int) -> np.ndarray:
+        import imagecodecs
+
+        data = self._frame_bytes(index)
         try:
             if self._syntax in _NATIVE:
                 frame = np.frombuffer(data, np.uint8).reshape(*self._tile, 3)

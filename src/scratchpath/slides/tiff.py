@@ -27,9 +27,11 @@ import numpy as np
 
 from scratchpath.errors import ScratchpathError
 from scratchpath.slides.base import (
+    JpegTiles,
     Level,
     Slide,
     TileCache,
+    complete_jpeg,
     fill_from_tiles,
     first_line,
     levels_from_sizes,
@@ -60,8 +62,8 @@ class TiffSlide(Slide):
             self._tiff = None
             self._cache.clear()
 
-    def _decode_segment(self, level: int, index: int) -> np.ndarray | None:
-        """Decoded tile/strip ``index`` of a level, ``(h, w, 3)``; None if not stored."""
+    def _segment_bytes(self, level: int, index: int) -> bytes | None:
+        """The stored bytes of tile/strip ``index`` of a level; None if not stored."""
         page = self._pages[level]
         offset, nbytes = int(page.dataoffsets[index]), int(page.databytecounts[index])
         if nbytes == 0 or offset == 0:
@@ -72,6 +74,40 @@ class TiffSlide(Slide):
             data = fh.read(nbytes)
         if len(data) != nbytes:
             raise ScratchpathError(f"{self.path}: truncated file (tile {index} of level {level})")
+        return data
+
+    def jpeg_tiles(self, level: int) -> JpegTiles | None:
+        page = self._pages[self._check_level(level).index]
+        if (
+            page.compression != 7  # JPEG (not JPEG 2000, LZW, ...)
+            or not page.is_tiled
+            or self._tiff.is_ndpi  # NDPI: restart-marker stripes of one huge JPEG
+            or page.photometric not in (2, 6)  # RGB or YCbCr
+            or page.samplesperpixel != 3
+            or page.bitspersample != 8
+        ):
+            return None
+        colour = "rgb" if page.photometric == 2 else "ycbcr"
+        return JpegTiles(page.chunks[0], page.chunks[1], page.chunked[0], page.chunked[1], colour)
+
+    def read_jpeg_tile(self, level: int, index: int) -> bytes | None:
+        if self._tiff is None:
+            raise ValueError(f"{self.path}: slide is closed")
+        data = self._segment_bytes(level, index)
+        if data is None:
+            return None
+        page = self._pages[level]
+        try:
+            return complete_jpeg(data, page.jpegtables, rgb=page.photometric == 2)
+        except ValueError as err:
+            raise ScratchpathError(f"{self.path}: tile {index} of level {level}: {err}") from None
+
+    def _decode_segment(self, level: int, index: int) -> np.ndarray | None:
+        """Decoded tile/strip ``index`` of a level, ``(h, w, 3)``; None if not stored."""
+        page = self._pages[level]
+        data = self._segment_bytes(level, index)
+        if data is None:
+            return None
         try:
             segment, _, _ = page.decode(
                 data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader

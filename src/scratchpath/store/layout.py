@@ -40,7 +40,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
@@ -79,12 +79,19 @@ def shard_key(shard: int) -> str:
 
 @dataclass
 class Location:
-    """Where a store lives: a local folder (fast path) or an fsspec filesystem + root."""
+    """Where a store lives: a local folder (fast path) or an fsspec filesystem + root.
+
+    The filesystem is per process: async filesystems (s3fs, gcsfs) refuse to work in a forked
+    child (``RuntimeError: This class is not fork-safe``), so a process that did not make it
+    (a forked DataLoader worker, a DDP rank) makes its own from the same arguments on first use.
+    fsspec's instance cache is per process too, so this costs one new client per process.
+    """
 
     url: str
     local: Path | None
-    fs: fsspec.AbstractFileSystem | None = None
     root: str = ""
+    _fs: fsspec.AbstractFileSystem | None = field(default=None, repr=False, compare=False)
+    _fs_pid: int = field(default=-1, repr=False, compare=False)
 
     @classmethod
     def parse(cls, path_or_url: str | os.PathLike) -> Location:
@@ -98,7 +105,17 @@ class Location:
         protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
         if "file" in protocols or "local" in protocols:
             return cls(url=text, local=Path(root))
-        return cls(url=text, local=None, fs=fs, root=root.rstrip("/"))
+        return cls(url=text, local=None, root=root.rstrip("/"), _fs=fs, _fs_pid=os.getpid())
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem | None:
+        """The fsspec filesystem of a remote store, made anew in a process that did not make it
+        (None for a local folder)."""
+        if self._fs is not None and self._fs_pid != os.getpid():
+            old = self._fs
+            self._fs = type(old)(*old.storage_args, **old.storage_options)
+            self._fs_pid = os.getpid()
+        return self._fs
 
     def _full(self, key: str) -> str:
         return str(self.local / key) if self.local is not None else f"{self.root}/{key}"
@@ -144,9 +161,16 @@ def read_group_attrs(loc: Location) -> dict:
     try:
         meta = json.loads(loc.read_bytes("zarr.json"))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise ScratchpathError(f"{loc.url}: not a scratchpath store (no zarr.json)") from None
+        raise ScratchpathError(
+            f"{loc.url}: not a scratchpath store ({_why_missing(loc)})"
+        ) from None
+    except PermissionError as err:
+        raise ScratchpathError(
+            f"{loc.url}: access denied ({_one_line(err)}); check the credentials "
+            "(s3://: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+        ) from None
     except (OSError, ValueError) as err:
-        raise ScratchpathError(f"{loc.url}: not a scratchpath store ({err})") from None
+        raise ScratchpathError(f"{loc.url}: not a scratchpath store ({_one_line(err)})") from None
     if (
         not isinstance(meta, dict)
         or meta.get("zarr_format") != 3
@@ -163,6 +187,25 @@ def read_group_attrs(loc: Location) -> dict:
             f"(up to {STORE_FORMAT_VERSION}); upgrade scratchpath"
         )
     return attrs
+
+
+def _why_missing(loc: Location) -> str:
+    """Why a store's zarr.json is not there: no bucket, nothing at the path, or no zarr.json."""
+    if loc.local is not None:
+        return "no zarr.json" if loc.local.exists() else "no such folder"
+    bucket = loc.root.split("/", 1)[0]
+    try:
+        if "/" in loc.root and not loc.fs.exists(bucket):
+            return f"bucket {bucket!r} does not exist"
+        if not loc.fs.exists(loc.root):
+            return "nothing at this path"
+    except OSError as err:
+        return _one_line(err)
+    return "no zarr.json"
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 @dataclass

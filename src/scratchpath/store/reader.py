@@ -25,10 +25,15 @@ from functools import cached_property
 
 import numpy as np
 
-from scratchpath.errors import ScratchpathError
+from scratchpath.errors import DamagedTileError, ScratchpathError
 from scratchpath.store import layout
 from scratchpath.store import table as tbl
-from scratchpath.store.codecs import LEGACY_SUBSAMPLING, TileCodec, register_zarr_codecs
+from scratchpath.store.codecs import (
+    LEGACY_SUBSAMPLING,
+    TileCodec,
+    TileDataError,
+    register_zarr_codecs,
+)
 
 # Open shard files kept per process (far below the usual 1024 descriptors per process).
 _MAX_OPEN_SHARDS = 128
@@ -163,10 +168,18 @@ class _OneStore:
         ]
 
     def decode_rows(self, rows: np.ndarray, out: np.ndarray, where: np.ndarray) -> None:
-        """Decode the tiles at ``rows`` into ``out[where]``."""
+        """Decode the tiles at ``rows`` into ``out[where]``; a tile whose bytes do not decode
+        raises :class:`_UndecodableTileError` naming its slot in ``out``."""
         decode = self.codec.decode
         for j, blob in zip(where.tolist(), self.read_blobs(rows), strict=True):
-            decode(blob, out=out[j])
+            try:
+                decode(blob, out=out[j])
+            except (TileDataError, RuntimeError, ValueError) as err:  # imagecodecs: RuntimeError
+                raise _UndecodableTileError(j, _reason(err)) from None
+
+    def tile_place(self, row: int) -> str:
+        """Where the tile at ``row`` is stored: ``"<store>, shard <key>, row <row>"``."""
+        return f"{self.loc.url}, shard {layout.shard_key(row // self.shard_size)}, row {row}"
 
     def storage_bytes(self) -> int:
         """Bytes of the committed tiles (shard payloads, without the shard indexes)."""
@@ -280,8 +293,22 @@ class PatchStore:
         for s, store in enumerate(self._stores):
             where = np.flatnonzero(store_ids == s)
             if len(where):
-                store.decode_rows(rows[where], out, where)
+                try:
+                    store.decode_rows(rows[where], out, where)
+                except _UndecodableTileError as bad:
+                    raise self.damaged_tile(int(np.asarray(indices).reshape(-1)[bad.slot]),
+                                            bad.reason) from None  # fmt: skip
         return out
+
+    def damaged_tile(self, i: int, reason: str) -> DamagedTileError:
+        """The error that names damaged tile ``i``: its store, shard and row, and ``reason``.
+
+        :meth:`read` raises it; the device-path decoder (:mod:`scratchpath.data.decode`) makes
+        the same one, so a damaged tile reads alike on both paths.
+        """
+        store_ids, rows = self._locate([i])
+        place = self._stores[int(store_ids[0])].tile_place(int(rows[0]))
+        return DamagedTileError(f"tile {int(i)} ({place}) is damaged: {reason}", int(i))
 
     def read_encoded(self, i: int) -> bytes:
         """The stored bytes of tile ``i`` (for copying tiles between stores without re-encoding)."""
@@ -290,7 +317,7 @@ class PatchStore:
     def read_encoded_batch(self, indices: Sequence[int] | np.ndarray) -> list[bytes]:
         """The stored (encoded) bytes of the tiles at ``indices``, in order, undecoded.
 
-        For decoding elsewhere (e.g. ``torchvision.io.decode_jpeg`` on the GPU for a JPEG
+        For decoding elsewhere (e.g. TorchCodec's ``decode_jpeg`` on the GPU for a JPEG
         store: ``codec`` tells the format). From a remote store it costs one ranged request per
         shard the batch touches.
         """
@@ -385,6 +412,20 @@ class PatchStore:
 
     def __repr__(self) -> str:
         return f"PatchStore({', '.join(map(repr, self.paths))}: {len(self)} tiles)"
+
+
+class _UndecodableTileError(Exception):
+    """Inside :meth:`PatchStore.read`: the tile in slot ``slot`` of the batch did not decode."""
+
+    def __init__(self, slot: int, reason: str) -> None:
+        super().__init__(slot, reason)
+        self.slot, self.reason = slot, reason
+
+
+def _reason(err: Exception) -> str:
+    """A decoder's error as one line: our own reasons as they are, others with their type."""
+    text = " ".join(str(err).split()) or "no message"
+    return text if isinstance(err, TileDataError) else f"{type(err).__name__}: {text}"
 
 
 def _common_mpp(mpp: np.ndarray) -> float | None:

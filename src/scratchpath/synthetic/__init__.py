@@ -18,16 +18,22 @@ Tissue types differ by morphology, not only colour (see ``TISSUE_TYPES``):
 
 All sizes are physical (µm) and converted with the slide's µm/px, so a slide "scanned" at
 0.25 µm/px shows the same tissue at twice the pixels.
+
+:func:`write_cohort` writes a cohort with slide-level labels (a tumour focus or none) for
+slide-level heads (:mod:`scratchpath.synthetic.cohort`).
 """
 
+from scratchpath.synthetic.cohort import CohortSlide, write_cohort
 from scratchpath.synthetic.render import TISSUE_TYPES, StainProfile, SyntheticSlide
 from scratchpath.synthetic.tiff import pyramid_shapes, write_slide, write_tile_set
 
 __all__ = [
     "TISSUE_TYPES",
+    "CohortSlide",
     "StainProfile",
     "SyntheticSlide",
     "pyramid_shapes",
+    "write_cohort",
     "write_slide",
     "write_tile_set",
 ]

@@ -42,6 +42,7 @@ def write_slide(
     seed: int = 0,
     compression: str = "jpeg",
     quality: int = 90,
+    slide: SyntheticSlide | None = None,
 ) -> Path:
     """Write a synthetic slide as a pyramidal, 256×256-tiled TIFF, like a scanner would.
 
@@ -54,13 +55,18 @@ def write_slide(
 
     Args:
         compression: ``"jpeg"`` (quality ``quality``, the scanners' usual) or ``"zstd"`` (lossless).
+        slide: render this slide (e.g. a :class:`~scratchpath.synthetic.CohortSlide`) instead
+            of ``SyntheticSlide(width, height, mpp=mpp, tissue=tissue, seed=seed)``.
     """
     path = Path(path)
     if compression not in ("jpeg", "zstd"):
         raise ValueError(f"compression: {compression!r} is not 'jpeg' or 'zstd'")
     import tifffile
 
-    slide = SyntheticSlide(width, height, mpp=mpp, tissue=tissue, seed=seed)
+    if slide is None:
+        slide = SyntheticSlide(width, height, mpp=mpp, tissue=tissue, seed=seed)
+    elif (slide.width, slide.height, slide.mpp) != (width, height, mpp):
+        raise ValueError(f"slide: {slide.width}x{slide.height} @ {slide.mpp}, not the size given")
     shapes = pyramid_shapes(width, height)
     ome = path.name.lower().endswith((".ome.tif", ".ome.tiff"))
     codec = {"compression": "jpeg", "compressionargs": {"level": quality}}
