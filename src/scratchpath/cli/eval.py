@@ -159,11 +159,14 @@ def _add_slide_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_slides(args: argparse.Namespace) -> int:
     from scratchpath.finetune.mil import TrainConfig
     from scratchpath.finetune.slides import format_slide_table, run_slide_evaluation
+    from scratchpath.weights import config_init, describe_init, load_config
 
     if args.data or args.train or args.test:
         raise ScratchpathError("--slides: give --slides or --data/--train/--test, not both")
-    if args.model.startswith("random:"):
+    if args.model.startswith(("random:", "timm:")):
         raise ScratchpathError("--slides: --model must be an export folder (it embeds slides)")
+    # how the encoder's weights began, as tile-level eval and compare say it
+    init = config_init(load_config(args.model))
     metrics = run_slide_evaluation(
         args.slides,
         args.out,
@@ -177,6 +180,7 @@ def _run_slides(args: argparse.Namespace) -> int:
         heatmaps=args.heatmaps,
         device=args.device,
     )
+    print(f"model init: {describe_init(init)}")
     print(format_slide_table(metrics))
     shown = f", heatmaps/ ({len(metrics['heatmaps'])})" if metrics["heatmaps"] else ""
     print(f"report: {args.out}/slide_metrics.json{shown}")
