@@ -24,12 +24,13 @@ ALLOWED = {
     "views": {"augment"},
     "data": {"store", "views", "augment"},
     "backbones": set(),
-    "objectives": {"backbones"},
-    "eva_configs": set(),  # the eva section of the model card (export's)
-    "export": {"backbones", "eva_configs"},
+    "weights": set(),  # init from given weights and its record; the export folder's files
+    "objectives": {"backbones", "weights"},
+    "eva_configs": set(),  # the eva section of the model card (export's card.py)
+    "export": {"backbones", "weights", "eva_configs"},
     # embed: ingest's tiling of slides, stores, the export's load_backbone, data's EncodedTiles
     "embed": {"slides", "tissue", "ingest", "store", "backbones", "export", "data"},
-    "finetune": {"export", "store", "augment", "backbones", "embed", "slides"},
+    "finetune": {"export", "store", "augment", "backbones", "weights", "embed", "slides"},
     "callbacks": {"finetune", "store", "augment", "backbones"},
     "synthetic": set(),
 }

@@ -19,6 +19,7 @@ TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 1}
         ("vit_tiny_patch16_224", TINY_VIT, 192),
         ("vit_little_patch16_reg4_gap_256", TINY_VIT, 320),
         ("resnet18", {}, 512),
+        ("resnet10t", {"channels": [8, 8, 16, 32], "global_pool": "catavgmax"}, 64),
     ],
 )
 def test_forward_returns_pooled_features_of_feature_dim(name, kwargs, expected_dim):

@@ -28,8 +28,8 @@ POOLS = [
     "deeptexture_examples_unlabeled_256/unlabeled",
     "oral_oscc_224_unique",
     "consep_patches_256",
-    "lc25000_lung_224",
 ]
+EVALUATION_SETS = ("ebhi", "lc25000")  # labelled: never pretrained on
 
 
 def _recipe() -> dict:
@@ -94,9 +94,10 @@ def test_recipe_export_is_probed_on_ebhi_at_its_training_size(pipeline: dict[str
             assert len(result[probe]["splits"]) == 2
 
 
-def test_recipe_never_pretrains_on_the_evaluation_set() -> None:
+def test_recipe_never_pretrains_on_an_evaluation_set() -> None:
     stores = _recipe()["data"]["stores"]
-    assert len(stores) == 5 and not any("ebhi" in store.lower() for store in stores)
+    assert len(stores) == 4
+    assert not any(name in store.lower() for store in stores for name in EVALUATION_SETS)
 
 
 def test_recipe_header_states_the_measured_fit_time() -> None:
@@ -118,3 +119,24 @@ def test_make_target_prepares_stores_fits_exports_and_evaluates() -> None:
     assert "--model runs/cpu_pretrain/export" in commands and "--repeats 5" in commands
     assert "--random-seeds 6" in commands  # the random-init baseline is a mean of six inits
     assert "ebhi_seg_colorectal_224" in commands and "--group-column case_id" in commands
+    assert "lc25000_lung_224/labels.csv" in commands  # LC25000 only as a labelled set
+
+
+def test_compare_target_pairs_scratch_and_init_at_equal_steps() -> None:
+    dry = subprocess.run(
+        ["make", "-n", "compare-cpu", "BIN=bin", "INIT=w/given.safetensors"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    fits = [line for line in dry.stdout.splitlines() if "fit --config" in line]
+    assert len(fits) == 2 and all("recipes/cpu_pretrain.yaml" in f for f in fits)
+    assert "--model.init_args.init w/given.safetensors" in dry.stdout
+    assert "--trainer.max_steps" not in dry.stdout  # equal steps: the recipe's, in both arms
+    for part in (
+        "scratch=runs/cpu_pretrain/export",
+        "continued=runs/compare_cpu/continued",
+        "random=random:runs/cpu_pretrain/export",
+        "histogram",
+        "--random-seeds 6",
+    ):
+        assert part in dry.stdout, part

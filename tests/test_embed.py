@@ -326,6 +326,17 @@ def test_inputs_mixing_slides_and_stores_are_refused(slides_dir, export, tmp_pat
         embed([slides_dir / HE[0], tmp_path / "store"], export, tmp_path / "out")
 
 
+def test_the_recorded_width_is_what_a_catavgmax_backbone_gives(tmp_path) -> None:
+    # global_pool="catavgmax" pools avg and max side by side: 2 x timm's num_features
+    from scratchpath.embed.encoder import Encoder
+
+    arch = ("resnet10t", {"channels": [8, 8, 16, 32], "global_pool": "catavgmax"})
+    export = make_export(tmp_path / "model", mpp=0.5, tile_size=64, arch=arch)
+    encoder = Encoder(export, torch.device("cpu"))
+    width = encoder(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)).shape[1]
+    assert width == 64 and encoder.num_features == encoder.provenance["num_features"] == width
+
+
 def test_cli_errors_are_one_line_with_exit_status_2(slides_dir, tmp_path, capsys) -> None:
     from scratchpath.cli import main
 

@@ -41,6 +41,17 @@ def _eva(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
                           env=env, cwd=cwd)  # fmt: skip
 
 
+@torch.no_grad()
+def test_in_features_is_what_a_catavgmax_backbone_gives(tmp_path):
+    # global_pool="catavgmax" pools avg and max side by side: 2 x timm's num_features
+    arch = ("resnet10t", {"channels": [8, 8, 16, 32], "global_pool": "catavgmax"})
+    export = make_export(tmp_path / "model", mpp=0.5, tile_size=64, arch=arch)
+    width = load_backbone(export, verbose=False)(torch.rand(1, 3, 64, 64)).shape[1]
+    card = (export / "README.md").read_text()
+    assert width == 64 and f"`IN_FEATURES={width} " in card
+    assert card.count(f"${{oc.env:IN_FEATURES, {width}}}") == 2  # CRC's head and ABMIL's
+
+
 @pytest.mark.slow
 def test_the_cards_crc_config_runs_in_eva_and_embeds_as_load_backbone(tmp_path, tiles_dir):
     """eva's patch-level CRC task (predict: embed; fit: linear head) on the 9 real

@@ -134,9 +134,22 @@ def test_eval_slides_cli_prints_one_table_and_writes_the_report(cohort, tmp_path
     assert args.run(args) == 0
     printed = capsys.readouterr().out
     assert "abmil" in printed and "mean_pool" in printed and "AUC" in printed
+    assert "model init: from scratch (random initialisation)" in printed
     metrics = json.loads((tmp_path / "slide_metrics.json").read_text())
     assert metrics["n_patients"] == 8 and metrics["class_names"] == ["normal", "tumour"]
     assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("model", ["random:resnet18", "timm:resnet18@weights.safetensors"])
+def test_eval_slides_refuses_a_model_that_is_not_an_export(model, tmp_path, capsys) -> None:
+    from scratchpath.cli import main
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\na,x\nb,y\n")
+    status = main(["eval", "--slides", str(labels), "--model", model, "--out", str(tmp_path)])
+    error = capsys.readouterr().err.strip()
+    assert status == 2
+    assert error == "error: --slides: --model must be an export folder (it embeds slides)"
 
 
 def test_missing_embeddings_without_slide_files_are_one_error_line(tmp_path) -> None:

@@ -68,3 +68,13 @@ def test_simclr_trains_a_cnn_backbone(tiles_dir):
     module = SimCLR(backbone="resnet18", proj_hidden_dim=32, proj_out_dim=16, warmup_epochs=0)
     fit_same_batch(module, views, steps=1)
     assert module.global_step == 1
+
+
+def test_simclr_projects_the_whole_pooled_width_of_a_catavgmax_cnn(tiles_dir):
+    # global_pool="catavgmax" pools avg and max side by side: 2 x num_features per tile
+    views = real_views(tiles_dir, n_images=4, n_views=2, size=32, seed=2)
+    kwargs = {"channels": [8, 8, 16, 32], "global_pool": "catavgmax"}
+    module = SimCLR(backbone="resnet10t", backbone_kwargs=kwargs, proj_hidden_dim=32,
+                    proj_out_dim=16)  # fmt: skip
+    assert module.projector[0].in_features == 64
+    assert torch.isfinite(module.compute_loss(views))

@@ -3,7 +3,7 @@
 Any ``timm`` architecture works (``vit_small_patch16_224``, ``vit_little_patch16_reg4_gap_256``,
 ``resnet50``, ``convnext_tiny``, ...): a backbone is what ``timm.create_model(name,
 num_classes=0)`` returns, so ``model(x)`` gives pooled ``(B, D)`` features,
-``model.forward_features(x)`` the token / feature map and ``model.num_features`` is ``D``.
+``model.forward_features(x)`` the token / feature map and :func:`feature_dim` is ``D``.
 Weights are never downloaded: scratchpath trains from scratch.
 """
 
@@ -57,8 +57,10 @@ def create_backbone(
 
 
 def feature_dim(model: nn.Module) -> int:
-    """Size ``D`` of the pooled features ``model(x)`` returns (timm's ``num_features``)."""
-    return int(model.num_features)
+    """Size ``D`` of the pooled features ``model(x)`` returns: timm's ``head_hidden_size`` (the
+    pre-logits width, e.g. ``2 × num_features`` for a CNN with ``global_pool="catavgmax"``),
+    else ``num_features``."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def prepare_input(

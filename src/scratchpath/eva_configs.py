@@ -51,7 +51,9 @@ def _values(config: dict[str, Any]) -> dict[str, Any]:
     pcfg, prov = config["pretrained_cfg"], config.get("scratchpath") or {}
     return {
         "arch": config["architecture"],
-        "in_features": config.get("num_features"),
+        # what the backbone's forward gives (timm's head_hidden_size: 2 x num_features for a
+        # catavgmax CNN); exports before embedding_dim was recorded give num_features
+        "in_features": prov.get("embedding_dim") or config.get("num_features"),
         "size": pcfg["input_size"][-1],
         "mean": json.dumps([float(v) for v in pcfg["mean"]]),
         "std": json.dumps([float(v) for v in pcfg["std"]]),

@@ -38,6 +38,7 @@ COMMANDS = {
     "export": "scratchpath.cli.export",
     "embed": "scratchpath.cli.embed",
     "eval": "scratchpath.cli.eval",
+    "compare": "scratchpath.cli.compare",
     "synth": "scratchpath.cli.synth",
     "demo": "scratchpath.cli.demo",
 }

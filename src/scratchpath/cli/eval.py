@@ -55,8 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        metavar="DIR|random:TIMM_NAME",
-        help="an export folder (scratchpath export) or random:NAME for a random-init timm model",
+        metavar="DIR|random:TIMM_NAME|timm:TIMM_NAME@FILE",
+        help="an export folder (scratchpath export), random:NAME for a random-init timm model, "
+        "or timm:NAME@FILE for a timm model started from a weights file (see compare --help)",
     )
     parser.add_argument(
         "--model-kwargs",
@@ -158,11 +159,14 @@ def _add_slide_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_slides(args: argparse.Namespace) -> int:
     from scratchpath.finetune.mil import TrainConfig
     from scratchpath.finetune.slides import format_slide_table, run_slide_evaluation
+    from scratchpath.weights import config_init, describe_init, load_config
 
     if args.data or args.train or args.test:
         raise ScratchpathError("--slides: give --slides or --data/--train/--test, not both")
-    if args.model.startswith("random:"):
+    if args.model.startswith(("random:", "timm:")):
         raise ScratchpathError("--slides: --model must be an export folder (it embeds slides)")
+    # how the encoder's weights began, as tile-level eval and compare say it
+    init = config_init(load_config(args.model))
     metrics = run_slide_evaluation(
         args.slides,
         args.out,
@@ -176,6 +180,7 @@ def _run_slides(args: argparse.Namespace) -> int:
         heatmaps=args.heatmaps,
         device=args.device,
     )
+    print(f"model init: {describe_init(init)}")
     print(format_slide_table(metrics))
     shown = f", heatmaps/ ({len(metrics['heatmaps'])})" if metrics["heatmaps"] else ""
     print(f"report: {args.out}/slide_metrics.json{shown}")
@@ -184,6 +189,7 @@ def _run_slides(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from scratchpath.finetune.report import format_table, run_evaluation
+    from scratchpath.weights import describe_init
 
     if args.slides is not None:
         return _run_slides(args)
@@ -215,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
         f"{f' (first of {repeats} grouped splits; figures are means)' if repeats > 1 else ''}, "
         f"{len(metrics['class_names'])} classes, input {metrics['input_size'] or 'as stored'} px"
     )
+    print(f"model init: {describe_init(metrics.get('init'))}")
     print(format_table(metrics))
     if args.random_seeds > 1:
         seeds = metrics["random_init_seeds"]

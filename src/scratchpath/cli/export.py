@@ -51,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
     out = export_checkpoint(args.checkpoint, args.out, args.which, overwrite=args.overwrite)
     config = load_config(out)
     prov = config["scratchpath"]
+    dim = prov.get("embedding_dim") or config["num_features"]
     print(
         f"exported {prov['weights']} {config['architecture']} "
-        f"({config['num_features']}-d, {prov['objective']}, step {prov['global_step']}) "
-        f"to {out}",
+        f"({dim}-d, {prov['objective']}, step {prov['global_step']}) to {out}",
         flush=True,
     )
     if args.push_to_hub:

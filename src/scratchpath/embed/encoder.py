@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 
 from scratchpath import __version__
-from scratchpath.backbones import prepare_input
+from scratchpath.backbones import feature_dim, prepare_input
 from scratchpath.errors import ScratchpathError
 from scratchpath.export import WEIGHTS_FILE, load_backbone, load_config
 from scratchpath.files import file_sha256
@@ -78,7 +78,7 @@ class Encoder:
         prov = config.get("scratchpath") or {}
         self.export_mpp: float | None = prov.get("mpp")
         self.export_tile_size: int | None = prov.get("tile_size")
-        self.num_features = int(config.get("num_features") or self.model.num_features)
+        self.num_features = feature_dim(self.model)  # what model(x) gives, pooled width
         self.provenance: dict[str, Any] = {
             "architecture": config["architecture"],
             "export": str(model_dir.resolve()),

@@ -8,6 +8,9 @@ Public API (importable by downstream packages):
 - Lightning: :class:`LinearProbe`, :class:`FineTune` (layer-wise LR decay),
   :class:`LabelledTileDataModule` and :class:`LabelledTiles`;
 - the ``scratchpath eval`` report: :func:`run_evaluation`, :func:`colour_histogram_features`;
+- ``scratchpath compare``: :func:`compare` (models and baselines on the same splits, paired
+  intervals against a reference) returning a :class:`Comparison`; :func:`resolve_model` (the
+  model specs both commands take);
 - slide level (``scratchpath eval --slides``), on ``scratchpath embed``'s files: the heads
   :class:`ABMIL` and :class:`MeanPool`, :func:`train_head`, :func:`run_slide_evaluation`.
 """
@@ -42,12 +45,16 @@ _LAZY = {
     "LabelledTileDataModule": "scratchpath.finetune.data",
     "LabelledTiles": "scratchpath.finetune.data",
     "colour_histogram_features": "scratchpath.finetune.report",
+    "Comparison": "scratchpath.finetune.comparison",
+    "compare": "scratchpath.finetune.comparison",
+    "resolve_model": "scratchpath.finetune.models",
     "run_evaluation": "scratchpath.finetune.report",
 }
 
 __all__ = [
     "ABMIL",
     "Bag",
+    "Comparison",
     "FineTune",
     "LabelledTileDataModule",
     "LabelledTiles",
@@ -55,6 +62,7 @@ __all__ = [
     "MeanPool",
     "classification_metrics",
     "colour_histogram_features",
+    "compare",
     "extract_features",
     "fit_linear_probe",
     "grouped_split",
@@ -63,6 +71,7 @@ __all__ = [
     "linear_probe_eval",
     "rankme",
     "require_labels",
+    "resolve_model",
     "run_evaluation",
     "run_slide_evaluation",
     "split_store",

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
+from scratchpath.backbones import feature_dim
 from scratchpath.errors import ScratchpathError
 from scratchpath.export import load_backbone
 from scratchpath.finetune.probes import classification_metrics
@@ -47,9 +48,9 @@ class _Classifier(L.LightningModule):
         if num_classes < 2:
             raise ScratchpathError(f"num_classes: need >= 2, got {num_classes}")
         self.backbone = _resolve_backbone(backbone)
-        dim = getattr(self.backbone, "num_features", None)
-        if not isinstance(dim, int):
+        if not isinstance(getattr(self.backbone, "num_features", None), int):
             raise ScratchpathError("backbone: has no integer num_features (not a timm backbone?)")
+        dim = feature_dim(self.backbone)  # the pooled width (catavgmax doubles num_features)
         self.head = nn.Linear(dim, num_classes)
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 

@@ -78,3 +78,42 @@ def plot_embedding(
     ax.legend(markerscale=2, fontsize="small")
     ax.set_title(f"{title}: test embeddings (PCA)")
     return _save(fig, path)
+
+
+def plot_comparison(metrics: Mapping, path: Path) -> Path:
+    """``scratchpath compare``'s plot: one panel per (probe, dataset); per model its per-split
+    balanced accuracies (dots; the same split has the same colour in every row, so pairs can
+    be followed), their mean (bar) and its difference to the reference (text, ▲ / ▼ / ≈)."""
+    results, models = metrics["results"], list(metrics["models"])
+    datasets, probes = list(results), ["linear", "knn"]
+    marks = {"above": "▲", "below": "▼", "within noise": "≈"}
+    fig = Figure(
+        figsize=(5.5 * len(datasets), 1.2 + 0.45 * len(models) * len(probes)),
+        layout="constrained",
+    )
+    axes = fig.subplots(len(probes), len(datasets), squeeze=False)
+    for row, probe in enumerate(probes):
+        for col, dataset in enumerate(datasets):
+            ax = axes[row][col]
+            by_model = results[dataset][probe]
+            ys = np.arange(len(models))[::-1]
+            for y, label in zip(ys, models, strict=True):
+                r = by_model[label]
+                ax.barh(y, r["mean"], height=0.6, color="#cfd8e3")
+                ax.scatter(r["splits"], [y] * len(r["splits"]), s=12,
+                           c=np.arange(len(r["splits"])), cmap="tab10", vmin=0, vmax=9,
+                           zorder=3)  # fmt: skip
+                d = r.get("difference")
+                text = "reference" if d is None else (
+                    f"Δ {d['mean']:+.3f} [{d['splits_low']:+.3f}, {d['splits_high']:+.3f}] "
+                    f"{marks[d['verdict']]}"
+                )  # fmt: skip
+                ax.text(1.0, y, f" {text}", va="center", fontsize="small",
+                        transform=ax.get_yaxis_transform())  # fmt: skip
+            ref = by_model[metrics["reference"]]["mean"]
+            ax.axvline(ref, color="black", linestyle="--", linewidth=0.8)
+            ax.set_yticks(ys, models)
+            ax.set_xlabel(f"balanced accuracy ({probe} probe)")
+            ax.set_title(dataset)
+    fig.suptitle(f"paired splits; Δ vs {metrics['reference']} (95 % interval over splits)")
+    return _save(fig, path)

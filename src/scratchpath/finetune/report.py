@@ -20,11 +20,9 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
 from scratchpath import __version__
-from scratchpath.augment import HE_MEAN, HE_STD
-from scratchpath.backbones import create_backbone
 from scratchpath.errors import ScratchpathError
-from scratchpath.export import load_backbone, load_config
 from scratchpath.files import atomic_write
+from scratchpath.finetune.models import random_model, resolve_model
 from scratchpath.finetune.plots import plot_confusion_matrices, plot_embedding
 from scratchpath.finetune.probes import (
     classification_metrics,
@@ -36,25 +34,31 @@ from scratchpath.finetune.probes import (
 from scratchpath.finetune.splits import require_labels, split_store
 from scratchpath.store import PatchStore
 
-RANDOM_PREFIX = "random:"
-
 
 def colour_histogram_features(
-    store: PatchStore, indices: Sequence[int] | np.ndarray, *, bins: int = 16
+    store: PatchStore,
+    indices: Sequence[int] | np.ndarray,
+    *,
+    bins: int = 16,
+    spaces: Sequence[str] = ("rgb", "hsv"),
 ) -> torch.Tensor:
-    """Per-tile colour histograms: ``bins`` per RGB channel and per HSV channel, each a
-    distribution (sums to 1), concatenated to ``(N, 6 * bins)`` float32."""
+    """Per-tile colour histograms: ``bins`` per channel of each colour space in ``spaces``
+    (``"rgb"``, ``"hsv"``), each a distribution (sums to 1), concatenated to
+    ``(N, 3 * len(spaces) * bins)`` float32."""
+    if not spaces or set(spaces) - {"rgb", "hsv"}:
+        raise ScratchpathError(f"histogram: colour spaces must be rgb and/or hsv, got {spaces}")
     indices = np.asarray(indices, dtype=np.int64)
-    out = np.empty((len(indices), 6, bins), np.float32)
+    out = np.empty((len(indices), 3 * len(spaces), bins), np.float32)
     for start in range(0, len(indices), 256):
         for j, tile in enumerate(store.read(indices[start : start + 256]), start):
-            hsv = cv2.cvtColor(tile, cv2.COLOR_RGB2HSV_FULL)  # all three channels on 0..255
-            for c, (image, channel) in enumerate(
-                [(tile, 0), (tile, 1), (tile, 2), (hsv, 0), (hsv, 1), (hsv, 2)]
-            ):
+            images = {"rgb": tile}
+            if "hsv" in spaces:  # all three channels on 0..255
+                images["hsv"] = cv2.cvtColor(tile, cv2.COLOR_RGB2HSV_FULL)
+            planes = [(images[space], channel) for space in spaces for channel in range(3)]
+            for c, (image, channel) in enumerate(planes):
                 out[j, c] = cv2.calcHist([image], [channel], None, [bins], [0, 256]).reshape(-1)
     out /= store.tile_size**2
-    return torch.from_numpy(out.reshape(len(indices), 6 * bins))
+    return torch.from_numpy(out.reshape(len(indices), -1))
 
 
 def per_class_metrics(
@@ -100,41 +104,6 @@ def probe_features(
         }
     result["rankme"] = rankme(test_features)
     return result
-
-
-def resolve_model(
-    spec: str, model_kwargs: dict[str, Any] | None = None, *, seed: int = 0
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of ``--model`` (an export folder or ``random:TIMM_NAME``) and its settings
-    (architecture, model kwargs, mean, std, input size or None when not fixed)."""
-    if spec.startswith(RANDOM_PREFIX):
-        arch, kwargs = spec[len(RANDOM_PREFIX) :], dict(model_kwargs or {})
-        torch.manual_seed(seed)
-        model = create_backbone(arch, **kwargs).eval()
-        size = kwargs.get("img_size") or getattr(
-            getattr(model, "patch_embed", None), "img_size", None
-        )
-        info = {"mean": list(HE_MEAN), "std": list(HE_STD), "input_size": _side(size)}
-        return model, {"architecture": arch, "model_kwargs": kwargs, **info}
-    if model_kwargs:
-        raise ScratchpathError("--model-kwargs: only for random:NAME models (exports fix them)")
-    config = load_config(spec)
-    model = load_backbone(spec)
-    preprocessing = config["pretrained_cfg"]
-    return model, {
-        "architecture": config["architecture"],
-        "model_kwargs": config["model_args"],
-        "mean": list(preprocessing["mean"]),
-        "std": list(preprocessing["std"]),
-        "input_size": _side(preprocessing.get("input_size")),
-        "mpp": config["scratchpath"].get("mpp"),
-    }
-
-
-def _side(size: Any) -> int | None:
-    if size is None:
-        return None
-    return int(size[-1]) if isinstance(size, Sequence) else int(size)
 
 
 def _store_info(store: PatchStore, indices: np.ndarray) -> dict[str, Any]:
@@ -211,6 +180,7 @@ def run_evaluation(
     class_names = train_store.class_names
 
     size = input_size or info["input_size"]
+    arch = info["architecture"]
     twin_seeds = list(range(seed + 1, seed + 1 + random_seeds))
     kw = {"mean": info["mean"], "std": info["std"], "batch_size": batch_size, "device": device}
 
@@ -226,7 +196,10 @@ def run_evaluation(
     histogram_train = colour_histogram_features(train_store, all_train)
     features = {
         "model": embed(backbone),
-        **{f"random_init:{s}": embed(_random_twin(info, seed=s)) for s in twin_seeds},
+        **{
+            f"random_init:{s}": embed(random_model(arch, info["model_kwargs"], seed=s))
+            for s in twin_seeds
+        },
         "colour_histogram": (
             histogram_train,
             histogram_train
@@ -339,11 +312,6 @@ def _mean_over_runs(runs: list[dict[str, Any]], n_splits: int) -> dict[str, Any]
         result[probe] = summary
     result["rankme"] = float(np.mean([run["rankme"] for run in runs]))
     return result
-
-
-def _random_twin(info: dict[str, Any], *, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return create_backbone(info["architecture"], **info["model_kwargs"]).eval()
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:

@@ -43,8 +43,14 @@ from scratchpath.objectives.optim import (
     scaled_lr,
     warmup_cosine,
 )
+from scratchpath.weights import (
+    format_init_report,
+    from_scratch,
+    init_backbone,
+    pre_init_record,
+)
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the init record (checkpoint["scratchpath"]["init"])
 
 
 class SSLObjective(L.LightningModule):
@@ -73,6 +79,16 @@ class SSLObjective(L.LightningModule):
             one started the time before, so every rank stops at the same step, naming the
             first non-finite step, at most twice this many steps later, without a per-step host
             sync (:class:`~scratchpath.distributed.CrossRankCheck`).
+        init: start the backbone (nothing else: heads stay random) from given weights instead
+            of random ones: an export folder, a timm-format ``.safetensors`` file or a
+            ``.pth`` / ``.bin`` / ``.pt`` / ``.ckpt`` read with ``weights_only=True``
+            (:func:`scratchpath.weights.init_backbone`; never fetched from a hub). An EMA
+            teacher starts as a copy of it. The record of it (file, sha256, architectures,
+            keys loaded / missing / unexpected / reshaped) goes into every checkpoint and
+            export; a resumed run keeps the record of the checkpoint it resumes.
+        init_strict: every backbone weight must come from ``init`` and every tensor of it must
+            be used (after timm's conversion and the classifier head dropped); ``False`` loads
+            the keys that fit and reports the rest.
     """
 
     objective_name: ClassVar[str] = ""
@@ -92,6 +108,8 @@ class SSLObjective(L.LightningModule):
         compile: bool = False,
         activation_checkpointing: bool = False,
         nonfinite_check_every: int = 100,
+        init: str | None = None,
+        init_strict: bool = True,
     ) -> None:
         super().__init__()
         if nonfinite_check_every < 1:
@@ -102,6 +120,14 @@ class SSLObjective(L.LightningModule):
         self.backbone = create_backbone(
             backbone, activation_checkpointing=activation_checkpointing, **(backbone_kwargs or {})
         )
+        # How the backbone's weights began; checkpoints and exports carry it (resume keeps the
+        # checkpoint's: see on_load_checkpoint).
+        self.init_record = from_scratch()
+        if init is not None:
+            self.init_record = init_backbone(
+                self.backbone, init, architecture=backbone, strict=init_strict
+            )
+            rank_zero_info(format_init_report(self.init_record))
         self.total_steps = 0  # optimizer steps of the whole run, known once training starts
         self.steps_per_epoch = 0.0
         self.global_batch = 0  # per-device batch × devices × accumulation, from the first batch
@@ -350,7 +376,15 @@ class SSLObjective(L.LightningModule):
             "data": datamodule.describe() if hasattr(datamodule, "describe") else None,
             "config": _resolved_config(trainer),
             "git_sha": _git_sha(),
+            "init": self.init_record,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The weights are now the checkpoint's: so is the story of how they began (a run resumed
+        # without its init argument stays "continued", one resumed with an init it never used
+        # does not claim it). Checkpoints from before init records began from random weights.
+        meta = checkpoint.get("scratchpath") or {}
+        self.init_record = meta.get("init") or pre_init_record()
 
 
 class _NonFiniteFirst(L.Callback):
