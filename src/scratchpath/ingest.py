@@ -369,8 +369,10 @@ def render_thumbnail(
     return buffer.getvalue()
 
 
-class _Inline:
-    """Executor stand-in running jobs at submit time: ``workers=1`` stays in one process."""
+class InlineExecutor:
+    """Executor stand-in running each job at submit time, in this process and thread (one worker
+    of ``ingest``, ``workers=0`` of ``embed``): the same ``submit``/``shutdown`` as a pool, so the
+    caller has one code path."""
 
     def submit(self, fn: Callable, *args) -> Future:
         future: Future = Future()
@@ -380,7 +382,7 @@ class _Inline:
             future.set_exception(err)
         return future
 
-    def shutdown(self, cancel_futures: bool = False) -> None:
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         pass
 
 
@@ -453,7 +455,7 @@ def ingest(
         root = Path(writer.path)
         (root / "thumbnails").mkdir(exist_ok=True)
         complete, seen_ids = _committed(writer)
-        pool = _Inline() if workers == 1 else _spawn_pool(workers, complete)
+        pool = InlineExecutor() if workers == 1 else _spawn_pool(workers, complete)
         if workers == 1:
             _set_complete(complete)
         _write_atomic(root / "run.json", json.dumps(run_info, indent=1).encode())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +22,7 @@ from scratchpath.embed.encoder import Encoder
 from scratchpath.embed.tiles import HostBatch, SlideTiles, StoreTiles, device_tiles
 from scratchpath.errors import ScratchpathError
 from scratchpath.files import atomic_write
-from scratchpath.ingest import TilingOptions, fast_id, plan_slide
+from scratchpath.ingest import InlineExecutor, TilingOptions, fast_id, plan_slide
 from scratchpath.slides import native_within, open_slide
 
 DECODE_TOLERANCE = 2.0  # grey levels: mean |device - CPU| over a slide's first tile
@@ -71,21 +71,6 @@ class Job:
         return self
 
 
-class _Inline:
-    """Executor stand-in running jobs at submit time (``workers=0``)."""
-
-    def submit(self, fn: Callable, *args) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as err:
-            future.set_exception(err)
-        return future
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        pass
-
-
 class Pipeline:
     """Embeds a rank's slides; :meth:`run` yields one outcome dict per slide, in order."""
 
@@ -105,7 +90,7 @@ class Pipeline:
         self.batch_size, self.workers = batch_size, workers
         self.use_device, self.overwrite, self.store_mpp = use_device, overwrite, store_mpp
         self.pin = encoder.device.type == "cuda"
-        self.pool = ThreadPoolExecutor(workers, "embed-read") if workers > 0 else _Inline()
+        self.pool = ThreadPoolExecutor(workers, "embed-read") if workers > 0 else InlineExecutor()
         self.n_tiles = 0
         self._decoder_agrees: dict[tuple[str, str, str], float] = {}  # kind -> mean |diff|
 
