@@ -184,6 +184,24 @@ def _train_job(
     )
 
 
+def _fit_outside_slurm(
+    submit_dir: Path, smoke_store: Path, root_dir: str, steps: int, *extra: str, timeout_s: int
+) -> subprocess.CompletedProcess:
+    """The jobs' smoke fit (unpaced) as a plain process in ``submit_dir``, without SLURM."""
+    return subprocess.run(
+        [
+            sys.executable, "-m", "scratchpath", "fit",
+            "--config", str(RECIPES / "smoke_simclr.yaml"),
+            "--data.stores", f"[{smoke_store}]",
+            "--trainer.default_root_dir", root_dir,
+            *TRAIN_ARGS,
+            "--trainer.max_steps", str(steps),
+            *extra,
+        ],
+        cwd=submit_dir, capture_output=True, text=True, timeout=timeout_s,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # ~3 min on 2 idle cores; a loaded machine needs many more
 def test_train_job_checkpoints_on_the_time_limit_signal_requeues_and_ends_as_one_run(
@@ -212,26 +230,8 @@ def test_train_job_checkpoints_on_the_time_limit_signal_requeues_and_ends_as_one
     assert step == TRAIN_STEPS
 
     # The same steps in one uninterrupted run, outside SLURM.
-    reference = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scratchpath",
-            "fit",
-            "--config",
-            str(RECIPES / "smoke_simclr.yaml"),
-            "--data.stores",
-            f"[{smoke_store}]",
-            "--trainer.default_root_dir",
-            "runs/reference",
-            *TRAIN_ARGS,
-            "--trainer.max_steps",
-            str(TRAIN_STEPS),
-        ],
-        cwd=submit_dir,
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    reference = _fit_outside_slurm(
+        submit_dir, smoke_store, "runs/reference", TRAIN_STEPS, timeout_s=1200
     )
     assert reference.returncode == 0, reference.stderr[-3000:]
     uninterrupted, step = _weights(submit_dir / "runs/reference/checkpoints/last.ckpt")
@@ -263,28 +263,9 @@ def test_scancel_leaves_a_checkpoint_that_resumes(
     _, stopped_at = _weights(last)
     assert stopped_at == int(stopped[0]) >= 1
 
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scratchpath",
-            "fit",
-            "--config",
-            str(RECIPES / "smoke_simclr.yaml"),
-            "--data.stores",
-            f"[{smoke_store}]",
-            "--trainer.default_root_dir",
-            "runs/smoke_simclr",
-            *TRAIN_ARGS,
-            "--trainer.max_steps",
-            str(stopped_at + 2),
-            "--ckpt_path",
-            "last",
-        ],
-        cwd=submit_dir,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = _fit_outside_slurm(
+        submit_dir, smoke_store, "runs/smoke_simclr", stopped_at + 2, "--ckpt_path", "last",
+        timeout_s=600,
+    )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _weights(last)[1] == stopped_at + 2

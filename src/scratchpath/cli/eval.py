@@ -5,23 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import yaml
-
 from scratchpath.errors import ScratchpathError
 
 
 def parse_kwargs(items: list[str]) -> dict[str, Any]:
     """``["img_size=64", "patch_size=8", "dynamic_img_size=true"]`` -> typed dict (YAML values)."""
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise ScratchpathError(f"--model-kwargs: expected KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ScratchpathError(f"--model-kwargs: cannot parse the value of {key}") from None
-    return kwargs
+    from scratchpath.finetune.models import parse_key_values  # torch: only when eval runs
+
+    return parse_key_values(items, "--model-kwargs")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -39,18 +39,28 @@ TIMM_PREFIX = "timm:"
 _PREPROCESSING_KEYS = ("input_size", "mean", "std")
 
 
-def parse_query(spec: str, text: str) -> dict[str, Any]:
-    """``"img_size=224&drop_path_rate=0"`` -> ``{"img_size": 224, "drop_path_rate": 0}``."""
+def parse_key_values(
+    items: Sequence[str], source: str, expected: str = "KEY=VALUE"
+) -> dict[str, Any]:
+    """``["img_size=64", "dynamic_img_size=true"]`` -> ``{"img_size": 64, ...}`` (YAML values);
+    an item that is not ``expected`` or a value YAML cannot read is one error naming ``source``."""
     kwargs: dict[str, Any] = {}
-    for item in filter(None, text.split("&")):
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise ScratchpathError(f"{spec}: expected KEY=VALUE after '?', got {item!r}")
+            raise ScratchpathError(f"{source}: expected {expected}, got {item!r}")
         try:
             kwargs[key] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise ScratchpathError(f"{spec}: cannot parse the value of {key}") from None
+            raise ScratchpathError(f"{source}: cannot parse the value of {key}") from None
     return kwargs
+
+
+def parse_query(spec: str, text: str) -> dict[str, Any]:
+    """``"img_size=224&drop_path_rate=0"`` -> ``{"img_size": 224, "drop_path_rate": 0}``."""
+    return parse_key_values(
+        [item for item in text.split("&") if item], spec, expected="KEY=VALUE after '?'"
+    )
 
 
 def _split_query(spec: str) -> tuple[str, dict[str, Any]]:
