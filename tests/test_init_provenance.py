@@ -51,10 +51,16 @@ def test_every_objective_starts_its_backbone_and_teacher_from_init(name, weights
     assert module.init_record["kind"] == "file" and module.init_record["loaded"] == len(given)
 
 
-def _fit(module: L.LightningModule, root: Path, steps: int, ckpt_path: Path | None = None):
-    views = real_views(Path(__import__("os").environ["SCRATCHPATH_TEST_DATA"]) / "tiles",
-                       n_images=4, n_views=2, size=32, seed=0)  # fmt: skip
-    batch = {"views": views, "index": torch.arange(4)}
+@pytest.fixture(scope="module")
+def batch(tiles_dir: Path) -> dict:
+    """Two 32 px views of 4 real H&E tiles: the one batch every fit below repeats."""
+    views = real_views(tiles_dir, n_images=4, n_views=2, size=32, seed=0)
+    return {"views": views, "index": torch.arange(4)}
+
+
+def _fit(
+    batch: dict, module: L.LightningModule, root: Path, steps: int, ckpt_path: Path | None = None
+):
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -68,11 +74,11 @@ def _fit(module: L.LightningModule, root: Path, steps: int, ckpt_path: Path | No
     return root / "last.ckpt"
 
 
-def test_a_continued_model_cannot_be_exported_as_from_scratch(weights_file, tmp_path):
-    first = _fit(SimCLR(backbone=ARCH, backbone_kwargs=TINY_VIT, init=str(weights_file),
+def test_a_continued_model_cannot_be_exported_as_from_scratch(batch, weights_file, tmp_path):
+    first = _fit(batch, SimCLR(backbone=ARCH, backbone_kwargs=TINY_VIT, init=str(weights_file),
                         warmup_epochs=0), tmp_path / "run", steps=1)  # fmt: skip
     # resumed with a recipe that no longer names the init: the checkpoint's record stays
-    resumed = _fit(SimCLR(backbone=ARCH, backbone_kwargs=TINY_VIT, warmup_epochs=0),
+    resumed = _fit(batch, SimCLR(backbone=ARCH, backbone_kwargs=TINY_VIT, warmup_epochs=0),
                    tmp_path / "run", steps=2, ckpt_path=first)  # fmt: skip
     export_checkpoint(resumed, tmp_path / "export")
     config = load_config(tmp_path / "export")
@@ -86,29 +92,33 @@ def test_a_continued_model_cannot_be_exported_as_from_scratch(weights_file, tmp_
     assert "pretrained from scratch" not in card and "NOT from scratch" in card
 
 
-def test_resuming_a_scratch_run_with_an_init_argument_keeps_from_scratch(weights_file, tmp_path):
-    first = _fit(SimCLR(backbone=ARCH, backbone_kwargs=TINY_VIT, warmup_epochs=0),
+def test_resuming_a_scratch_run_with_an_init_argument_keeps_from_scratch(
+    batch, weights_file, tmp_path
+):
+    first = _fit(batch, SimCLR(backbone=ARCH, backbone_kwargs=TINY_VIT, warmup_epochs=0),
                  tmp_path / "run", steps=1)  # fmt: skip
     module = SimCLR(backbone=ARCH, backbone_kwargs=TINY_VIT, init=str(weights_file),
                     warmup_epochs=0)  # fmt: skip
-    resumed = _fit(module, tmp_path / "run", steps=2, ckpt_path=first)
+    resumed = _fit(batch, module, tmp_path / "run", steps=2, ckpt_path=first)
     assert not _holds(module.backbone, _given(weights_file))  # the checkpoint's weights won
     export_checkpoint(resumed, tmp_path / "export")
     assert load_config(tmp_path / "export")["scratchpath"]["init"]["kind"] == "scratch"
 
 
-def test_the_ema_teacher_export_of_a_continued_dino_run_says_continued(weights_file, tmp_path):
+def test_the_ema_teacher_export_of_a_continued_dino_run_says_continued(
+    batch, weights_file, tmp_path
+):
     module = DINO(backbone=ARCH, backbone_kwargs=TINY_VIT, init=str(weights_file), out_dim=64,
                   hidden_dim=32, bottleneck_dim=16, warmup_epochs=0)  # fmt: skip
-    last = _fit(module, tmp_path / "run", steps=1)
+    last = _fit(batch, module, tmp_path / "run", steps=1)
     export_checkpoint(last, tmp_path / "teacher", which="teacher")
     config = load_config(tmp_path / "teacher")
     assert config["scratchpath"]["weights"] == "teacher"
     assert config["scratchpath"]["init"]["kind"] == "file"
 
 
-def test_load_backbone_prints_how_the_weights_began(weights_file, tmp_path, capsys):
-    first = _fit(SimCLR(backbone=ARCH, backbone_kwargs=TINY_VIT, init=str(weights_file),
+def test_load_backbone_prints_how_the_weights_began(batch, weights_file, tmp_path, capsys):
+    first = _fit(batch, SimCLR(backbone=ARCH, backbone_kwargs=TINY_VIT, init=str(weights_file),
                         warmup_epochs=0), tmp_path / "run", steps=1)  # fmt: skip
     export_checkpoint(first, tmp_path / "export")
     load_backbone(tmp_path / "export")
@@ -117,7 +127,9 @@ def test_load_backbone_prints_how_the_weights_began(weights_file, tmp_path, caps
     assert json.loads((tmp_path / "export" / "config.json").read_text())["scratchpath"]["init"]
 
 
-def test_eval_prints_the_init_of_a_continued_export(weights_file, tmp_path, tiles_dir, capsys):
+def test_eval_prints_the_init_of_a_continued_export(
+    batch, weights_file, tmp_path, tiles_dir, capsys
+):
     source = tiles_dir / "lc25000_lung_224"
     with open(source / "labels.csv") as f:
         rows = list(csv.DictReader(f))
@@ -127,7 +139,7 @@ def test_eval_prints_the_init_of_a_continued_export(weights_file, tmp_path, tile
         for c in ("lung_aca", "lung_n"):
             writer.writerows([[r["path"], r["label"]] for r in rows if r["label"] == c][:6])
     import_tiles(source, tmp_path / "store", labels_csv=tmp_path / "labels.csv", tile_size=32)
-    first = _fit(SimCLR(backbone=ARCH, backbone_kwargs=TINY_VIT, init=str(weights_file),
+    first = _fit(batch, SimCLR(backbone=ARCH, backbone_kwargs=TINY_VIT, init=str(weights_file),
                         warmup_epochs=0), tmp_path / "run", steps=1)  # fmt: skip
     export_checkpoint(first, tmp_path / "export")
     capsys.readouterr()
