@@ -29,7 +29,7 @@ SHARED ?= ../shared/data
 CPU_STORES := runs/cpu_stores
 # glibc hands every buffer over 32 MB (most activations of a batch) back to the kernel and
 # page-faults it in again on the next step; keeping them in the heap made a CPU step 1.3-1.5x
-# faster (benchmarks/bench_cpu_allocator.py).
+# faster (benchmarks/bench_cpu_step.py).
 CPU_MALLOC := MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
 # The pretraining pool (unlabelled) and the evaluation sets (labelled, never pretrained on:
 # EBHI-Seg by case, LC25000 lung by original tile).

@@ -14,7 +14,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from objective_helpers import one_thread
 from scratchpath.cli import main
@@ -92,6 +94,28 @@ def test_recipe_export_is_probed_on_ebhi_at_its_training_size(pipeline: dict[str
         for probe in ("knn", "linear"):
             assert 0.0 <= result[probe]["balanced_accuracy"] <= 1.0
             assert len(result[probe]["splits"]) == 2
+
+
+@pytest.mark.slow
+def test_recipe_trains_channels_last_and_exports_the_same_weights_contiguous(
+    pipeline: dict[str, Path],
+) -> None:
+    assert _recipe()["model"]["init_args"]["channels_last"] is True
+    checkpoint = torch.load(
+        pipeline["run"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    trained = {
+        key.removeprefix("backbone."): value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith("backbone.")
+    }
+    nhwc = [k for k, v in trained.items() if v.dim() == 4 and not v.is_contiguous()]
+    assert nhwc, "the recipe's checkpoint holds no channels-last weight"
+    exported = load_file(pipeline["export"] / "model.safetensors")
+    assert set(exported) == set(trained)
+    for key in nhwc:
+        assert exported[key].is_contiguous()
+        assert torch.equal(exported[key], trained[key]), key
 
 
 def test_recipe_never_pretrains_on_an_evaluation_set() -> None:

@@ -313,3 +313,45 @@ def test_a_save_of_nonfinite_weights_is_refused_without_a_nonfinite_loss(tmp_pat
 def test_nonfinite_check_every_must_be_positive():
     with pytest.raises(ScratchpathError, match="nonfinite_check_every"):
         SimCLR(**TINY_VIT, **SMALL_HEAD, nonfinite_check_every=0)
+
+
+SLIM_RESNET = {"backbone": "resnet10t", "backbone_kwargs": {"channels": [8, 8, 16, 16]}}
+
+
+def _conv_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for name, p in module.named_parameters() if p.dim() == 4]
+
+
+def test_channels_last_puts_4d_weights_in_nhwc_order_for_fit_only():
+    default = SimCLR(**SLIM_RESNET, **SMALL_HEAD)
+    default.setup("fit")
+    assert all(w.is_contiguous() for w in _conv_weights(default))
+    nhwc = SimCLR(**SLIM_RESNET, **SMALL_HEAD, channels_last=True)
+    nhwc.setup("validate")  # only fit converts
+    assert all(w.is_contiguous() for w in _conv_weights(nhwc))
+    nhwc.setup("fit")
+    weights = _conv_weights(nhwc)
+    assert weights and all(
+        w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        for w in weights
+        if w.shape[2:] != (1, 1)  # a 1x1 kernel is both
+    )
+
+
+def test_channels_last_changes_the_memory_order_not_the_step():
+    """One training step from the same weights gives the same loss and gradients either way."""
+    batch = synthetic_batch(batch_size=8)
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        module = SimCLR(**SLIM_RESNET, **SMALL_HEAD, channels_last=channels_last)
+        module.setup("fit")
+        loss = module.compute_loss(batch["views"])
+        loss.backward()
+        grads = {n: p.grad.contiguous() for n, p in module.named_parameters()}
+        results.append((loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for name in grads_a:  # equal up to float32 summation order (~1e-5 of the gradient's scale)
+        scale = grads_a[name].abs().max()
+        assert (grads_a[name] - grads_b[name]).abs().max() <= 1e-4 * scale, name
