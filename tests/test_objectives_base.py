@@ -319,7 +319,7 @@ SLIM_RESNET = {"backbone": "resnet10t", "backbone_kwargs": {"channels": [8, 8, 1
 
 
 def _conv_weights(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [p for name, p in module.named_parameters() if p.dim() == 4]
+    return [p for p in module.parameters() if p.dim() == 4]
 
 
 def test_channels_last_puts_4d_weights_in_nhwc_order_for_fit_only():

@@ -74,7 +74,7 @@ class SSLObjective(L.LightningModule):
             transformer block of a ViT (:meth:`modules_to_compile`), else the whole backbone.
         channels_last: keep the 4-D weights of every module in channels-last (NHWC) memory
             order for training, as timm's ``--channels-last``: convolutions then run oneDNN's and
-            cuDNN's NHWC kernels (a ResNet step 1.4x faster on 2 CPU cores, measured by
+            cuDNN's NHWC kernels (the slim ResNet-10's step 1.35x faster on 2 CPU cores,
             ``benchmarks/bench_cpu_step.py``; usual on GPUs under bf16). The views need no
             conversion (a convolution follows its weight's order). Only the memory order
             changes: checkpoints load either way and exports are written contiguous. No effect
