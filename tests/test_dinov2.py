@@ -17,16 +17,8 @@ from objective_helpers import loss_before_and_after, one_torch_thread, real_view
 from scratchpath.errors import ScratchpathError
 from scratchpath.objectives import OBJECTIVES, DINOv2
 from scratchpath.objectives.dino import koleo_loss
-from scratchpath.objectives.dinov2 import (
-    PatchMasks,
-    block_mask,
-    ibot_patch_loss,
-    kde_loss,
-    mask_capacity,
-    sample_masks,
-    sinkhorn_knopp,
-    vit_tokens,
-)
+from scratchpath.objectives.dinov2 import ibot_patch_loss, kde_loss, sinkhorn_knopp, vit_tokens
+from scratchpath.objectives.masking import PatchMasks, block_mask, mask_capacity, sample_masks
 from scratchpath.objectives.optim import layerwise_lr_scales
 
 # A 2-block ViT with registers and LayerScale (the DINOv2 timm family), 4 px patches.

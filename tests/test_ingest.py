@@ -172,8 +172,9 @@ def test_rerun_skips_by_fast_identity_without_reading_slides(
     def must_not_run(*args, **kwargs):
         raise AssertionError("a committed slide was read again")
 
-    monkeypatch.setattr(ingest_module, "file_sha256", must_not_run)
-    monkeypatch.setattr(ingest_module, "open_slide", must_not_run)
+    monkeypatch.setattr(ingest_module.identity, "file_sha256", must_not_run)
+    monkeypatch.setattr(ingest_module.plan, "open_slide", must_not_run)  # planning
+    monkeypatch.setattr(ingest_module.tiles, "open_slide", must_not_run)  # tile reads
     report = ingest(_slides(slides_dir), out, progress=False, **RUN)
     assert [s["status"] for s in report.slides] == ["skipped"] * 4
     lines = (out / "run.log.jsonl").read_text().splitlines()

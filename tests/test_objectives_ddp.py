@@ -28,7 +28,7 @@ from objective_helpers import one_thread, one_torch_thread, real_views  # noqa: 
 from scratchpath.objectives import DINO, DINOv2, MoCoV3, SimCLR
 from scratchpath.objectives.base import SSLObjective
 from scratchpath.objectives.collectives import gather_with_grad
-from scratchpath.objectives.dinov2 import PatchMasks, sample_masks
+from scratchpath.objectives.masking import PatchMasks, sample_masks
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
