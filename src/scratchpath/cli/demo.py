@@ -54,10 +54,10 @@ QUICK = {"slides": 2, "size": (1536, 1536), "per_class": 16, "steps": 4, "batch"
 # what it measured (docs/cpu_pretraining.md has the search and the protocol).
 REAL_TILES_COMMAND = "make pretrain-cpu"
 REAL_TILES_FIGURES = (
-    "EBHI-Seg (6 classes, case-grouped 60/40 splits, mean of 5) at 96 px: linear probe 0.490 "
-    "(seed 0) / 0.472 (seed 1) vs 0.318 for random init (mean of six twins) and 0.378 for "
-    "colour histograms, kNN 0.440 / 0.414 vs 0.266 / 0.300 (12.5 min of fit on 2 CPU cores, "
-    "1,260 steps)"
+    "EBHI-Seg (6 classes, case-grouped 60/40 splits, mean of 5) at 96 px: linear probe 0.494 "
+    "(seed 0) / 0.485 (seed 1) vs 0.318 for random init (mean of six twins) and 0.378 for "
+    "colour histograms, kNN 0.449 / 0.436 vs 0.266 / 0.300 (16.0 min of fit on 2 CPU cores, "
+    "1,656 steps)"
 )
 SLIDE_MPP = 0.5  # µm/px the synthetic slides are "scanned" at
 STORE_MPP = 1.0  # µm/px of the stored tiles (96 px = 96 µm: several cells, a gland)
