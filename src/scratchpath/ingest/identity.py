@@ -10,9 +10,7 @@ from pathlib import Path
 
 from scratchpath.errors import ScratchpathError
 from scratchpath.files import file_sha256
-from scratchpath.slides import (
-    is_slide_file,
-)
+from scratchpath.slides import is_slide_file
 
 FAST_ID_BYTES = 2**20  # the fast identity hashes this much of each end of the file
 

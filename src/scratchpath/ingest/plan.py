@@ -20,10 +20,7 @@ from scratchpath.slides import (
 from scratchpath.tissue import pen_mask, tissue_fractions, tissue_mask
 
 THUMB_MIN, THUMB_MAX = 1024, 4096  # long side of the tissue-mask thumbnail
-
-
 MASK_PX_PER_TILE = 8  # aim for at least 8×8 mask pixels under every tile
-
 
 # Fast identities of the slides committed before this run, set once per worker process (by the
 # pool initializer) rather than pickled with every job.
@@ -31,6 +28,8 @@ _COMPLETE: frozenset[str] = frozenset()
 
 
 def set_complete(complete: frozenset[str]) -> None:
+    """Set this process's committed fast identities (the pool's initializer; ``ingest`` itself
+    when it runs with one worker, and clears them at the end)."""
     global _COMPLETE
     _COMPLETE = complete
 

@@ -7,10 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from scratchpath.ingest.plan import TilingOptions
-from scratchpath.slides import (
-    Slide,
-    open_slide,
-)
+from scratchpath.slides import Slide, open_slide
 
 
 def level_corners(xy: np.ndarray, downsample: float) -> np.ndarray:
