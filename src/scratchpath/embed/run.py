@@ -46,13 +46,13 @@ from scratchpath.embed import h5
 from scratchpath.embed.encoder import Encoder, Precision, resolve_device
 from scratchpath.embed.pipeline import Pipeline, Unit
 from scratchpath.errors import ScratchpathError
-from scratchpath.ingest import TilingOptions, find_slides, select_shard
+from scratchpath.ingest import SlideOutcomes, TilingOptions, find_slides, select_shard
 
 Decode = Literal["auto", "device", "cpu"]
 
 
 @dataclass
-class EmbedReport:
+class EmbedReport(SlideOutcomes):
     """Outcome of one process's :func:`embed` call: one entry per slide it was given."""
 
     out: str
@@ -62,17 +62,8 @@ class EmbedReport:
     rank: int = 0
     world_size: int = 1
 
-    @property
-    def failed(self) -> list[dict]:
-        return [s for s in self.slides if s["status"] == "failed"]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
     def summary(self) -> str:
-        done = sum(s["status"] == "ok" for s in self.slides)
-        skipped = sum(s["status"] == "skipped" for s in self.slides)
+        done, skipped = self.count("ok"), self.count("skipped")
         rate = self.n_tiles / self.seconds if self.seconds > 0 else 0.0
         who = f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else ""
         return (

@@ -42,13 +42,14 @@ from scratchpath.ingest.plan import (
     tile_grid,
     tile_grids,
 )
-from scratchpath.ingest.run import IngestReport, InlineExecutor, ingest
+from scratchpath.ingest.run import IngestReport, InlineExecutor, SlideOutcomes, ingest
 from scratchpath.ingest.tiles import iter_tiles, level_corners, read_tiles
 
 __all__ = [
     "Grid",
     "IngestReport",
     "InlineExecutor",
+    "SlideOutcomes",
     "SlidePlan",
     "TilingOptions",
     "fast_id",

@@ -23,14 +23,15 @@ from scratchpath.ingest.tiles import read_tiles
 CHUNK_TILES = 64  # tiles per worker job: large enough to amortise opening the slide
 
 
-@dataclass
-class IngestReport:
-    """Outcome of :func:`ingest`: one entry per slide in ``slides`` and totals."""
+class SlideOutcomes:
+    """What a per-slide run report (:class:`IngestReport`, ``embed``'s ``EmbedReport``) says of
+    its ``slides``: one dict per slide with a ``status`` of ``ok``, ``skipped`` or ``failed``."""
 
-    store: str
     slides: list[dict]
-    n_tiles: int
-    seconds: float
+
+    def count(self, status: str) -> int:
+        """How many slides ended with ``status``."""
+        return sum(s["status"] == status for s in self.slides)
 
     @property
     def failed(self) -> list[dict]:
@@ -40,9 +41,18 @@ class IngestReport:
     def ok(self) -> bool:
         return not self.failed
 
+
+@dataclass
+class IngestReport(SlideOutcomes):
+    """Outcome of :func:`ingest`: one entry per slide in ``slides`` and totals."""
+
+    store: str
+    slides: list[dict]
+    n_tiles: int
+    seconds: float
+
     def summary(self) -> str:
-        ok = sum(s["status"] == "ok" for s in self.slides)
-        skipped = sum(s["status"] == "skipped" for s in self.slides)
+        ok, skipped = self.count("ok"), self.count("skipped")
         return (
             f"{self.store}: {ok} slide(s) ingested ({self.n_tiles} tiles), {skipped} already in "
             f"the store, {len(self.failed)} failed [{self.seconds:.1f} s]"
